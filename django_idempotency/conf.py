@@ -1,0 +1,131 @@
+"""Settings, read lazily so that ``override_settings`` works everywhere.
+
+Every setting is optional and prefixed ``IDEMPOTENCY_``. Values are validated
+by the system checks in :mod:`django_idempotency.checks`, not here: reading a
+setting never raises on a bad value that a check would report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.utils.module_loading import import_string
+
+DEFAULT_STORES: dict[str, dict[str, Any]] = {
+    "default": {"BACKEND": "django_idempotency.stores.database.DatabaseStore"},
+}
+
+
+def load_callable(value: str | Callable[..., Any]) -> Callable[..., Any]:
+    """Return ``value`` itself or the object its dotted path names."""
+    if isinstance(value, str):
+        loaded: Callable[..., Any] = import_string(value)
+        return loaded
+    return value
+
+
+def to_seconds(value: float | timedelta) -> float:
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return float(value)
+
+
+class Settings:
+    """One property per setting, each read from ``django.conf.settings`` on access."""
+
+    @property
+    def HEADER(self) -> str:
+        """Name of the request header carrying the key."""
+        return str(getattr(settings, "IDEMPOTENCY_HEADER", "Idempotency-Key"))
+
+    @property
+    def METHODS(self) -> tuple[str, ...]:
+        """HTTP methods that are protected; others pass through untouched."""
+        methods = getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH"))
+        return tuple(m.upper() for m in methods)
+
+    @property
+    def REQUIRED(self) -> bool:
+        """Whether a protected request without a key is refused with 400."""
+        return bool(getattr(settings, "IDEMPOTENCY_REQUIRED", True))
+
+    @property
+    def SCOPE(self) -> str | Callable[..., str]:
+        """Callable (or its dotted path) mapping a request to the key's scope."""
+        value: str | Callable[..., str] = getattr(
+            settings, "IDEMPOTENCY_SCOPE", "django_idempotency.scopes.user_scope"
+        )
+        return value
+
+    @property
+    def FINGERPRINT(self) -> str | Callable[..., str]:
+        """Callable (or its dotted path) mapping a request to its fingerprint."""
+        value: str | Callable[..., str] = getattr(
+            settings,
+            "IDEMPOTENCY_FINGERPRINT",
+            "django_idempotency.fingerprints.request_fingerprint",
+        )
+        return value
+
+    @property
+    def RETENTION(self) -> float | timedelta:
+        """How long a completed key is kept and replayed (seconds or timedelta)."""
+        value: float | timedelta = getattr(settings, "IDEMPOTENCY_RETENTION", timedelta(hours=24))
+        return value
+
+    @property
+    def MODE(self) -> str | None:
+        """``"atomic"``, ``"lease"``, or ``None``: atomic where the store supports it."""
+        value: str | None = getattr(settings, "IDEMPOTENCY_MODE", None)
+        return value
+
+    @property
+    def LEASE(self) -> float | timedelta:
+        """How long a ``lease`` claim is held before another request may take it over."""
+        value: float | timedelta = getattr(settings, "IDEMPOTENCY_LEASE", 30)
+        return value
+
+    @property
+    def WAIT(self) -> float | timedelta:
+        """Seconds to wait for an in-flight duplicate before answering 409 (0: at once)."""
+        value: float | timedelta = getattr(settings, "IDEMPOTENCY_WAIT", 0)
+        return value
+
+    @property
+    def RETRY_AFTER(self) -> int:
+        """``Retry-After`` seconds sent with a 409 when the remaining time is unknown."""
+        return int(getattr(settings, "IDEMPOTENCY_RETRY_AFTER", 1))
+
+    @property
+    def STORE(self) -> str:
+        """Alias, in ``IDEMPOTENCY_STORES``, of the store views use by default."""
+        return str(getattr(settings, "IDEMPOTENCY_STORE", "default"))
+
+    @property
+    def STORES(self) -> dict[str, dict[str, Any]]:
+        """Store aliases: ``{"alias": {"BACKEND": dotted path, "OPTIONS": {...}}}``."""
+        value: dict[str, dict[str, Any]] = getattr(settings, "IDEMPOTENCY_STORES", DEFAULT_STORES)
+        return value
+
+    @property
+    def REPLAYED_HEADERS(self) -> tuple[str, ...]:
+        """Response headers stored and replayed (besides the status and body)."""
+        value = getattr(settings, "IDEMPOTENCY_REPLAYED_HEADERS", ("Content-Type", "Location"))
+        return tuple(value)
+
+    @property
+    def RELEASE_STATUSES(self) -> frozenset[int]:
+        """Statuses (besides every 5xx) after which nothing is kept, so a retry runs."""
+        value = getattr(settings, "IDEMPOTENCY_RELEASE_STATUSES", (401, 403, 408, 429))
+        return frozenset(int(s) for s in value)
+
+    @property
+    def MAX_BODY_SIZE(self) -> int:
+        """Largest response body, in bytes, that is stored for replay."""
+        return int(getattr(settings, "IDEMPOTENCY_MAX_BODY_SIZE", 1024 * 1024))
+
+
+app_settings = Settings()

@@ -1,0 +1,60 @@
+"""Request fingerprints: what makes two requests with one key "the same"."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from django.http import HttpRequest
+from django.http.request import RawPostDataException
+
+
+def request_fingerprint(request: HttpRequest) -> str:
+    """SHA-256 of the method, the path with its query string, and the body.
+
+    JSON bodies are canonicalised, so key order and white space do not matter.
+    """
+    digest = hashlib.sha256()
+    digest.update(request.method.encode() if request.method else b"")
+    digest.update(b"\n")
+    digest.update(request.get_full_path().encode())
+    digest.update(b"\n")
+    digest.update(request_body(request))
+    return digest.hexdigest()
+
+
+def request_body(request: HttpRequest) -> bytes:
+    """The body in canonical form, for hashing."""
+    try:
+        body = request.body
+    except RawPostDataException:
+        # A multipart body already parsed (by the CSRF check, say) is no longer
+        # readable: hash what was parsed from it instead.
+        return _parsed_form(request)
+    if _is_json(request.content_type):
+        try:
+            return canonical_json(json.loads(body))
+        except (ValueError, UnicodeDecodeError):
+            pass  # not valid JSON: the raw bytes stand for themselves
+    return body
+
+
+def canonical_json(value: Any) -> bytes:
+    """Serialise ``value`` with sorted keys and no insignificant white space."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+def _parsed_form(request: HttpRequest) -> bytes:
+    fields = sorted((name, request.POST.getlist(name)) for name in request.POST)
+    files = sorted(
+        (name, [(f.name, f.size, f.content_type) for f in request.FILES.getlist(name)])
+        for name in request.FILES
+    )
+    return canonical_json({"fields": fields, "files": files})

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+
+class ExactCharField(models.CharField):  # type: ignore[type-arg]
+    """A ``CharField`` compared byte for byte on every database.
+
+    MySQL and MariaDB compare with the table's collation, usually case- and
+    trailing-space-insensitive: keys ``abc``, ``ABC`` and ``abc `` would then
+    collide in the unique constraint. There the column gets a binary,
+    no-pad collation; PostgreSQL and SQLite compare exactly already.
+    """
+
+    def db_type(self, connection: BaseDatabaseWrapper) -> str | None:
+        db_type = super().db_type(connection)
+        if connection.vendor == "mysql" and db_type:
+            collation = "utf8mb4_nopad_bin" if connection.mysql_is_mariadb else "utf8mb4_0900_bin"  # type: ignore[attr-defined]
+            return f"{db_type} CHARACTER SET utf8mb4 COLLATE {collation}"
+        return db_type
+
+
+class IdempotencyKey(models.Model):
+    """One idempotency key in its scope: its claim and, once completed, the response."""
+
+    class State(models.TextChoices):
+        IN_PROGRESS = "in_progress", _("in progress")
+        COMPLETED = "completed", _("completed")
+
+    scope = ExactCharField(
+        _("scope"), max_length=255, help_text=_("Namespace of the key, by default the user.")
+    )
+    key = ExactCharField(_("key"), max_length=255)
+    fingerprint = models.CharField(
+        _("fingerprint"), max_length=64, help_text=_("SHA-256 of the request.")
+    )
+    method = models.CharField(_("method"), max_length=16, blank=True)
+    path = models.TextField(_("path"), blank=True)
+    state = models.CharField(
+        _("state"), max_length=16, choices=State.choices, default=State.IN_PROGRESS
+    )
+    token = models.CharField(
+        _("owner token"),
+        max_length=32,
+        help_text=_("Fencing token of the claim that owns the key."),
+    )
+    locked_until = models.DateTimeField(
+        _("locked until"),
+        null=True,
+        blank=True,
+        help_text=_("End of the lease of an in-progress claim (lease mode)."),
+    )
+    attempts = models.PositiveIntegerField(
+        _("attempts"), default=1, help_text=_("Claims of this key, takeovers included.")
+    )
+    response_status = models.PositiveSmallIntegerField(_("response status"), null=True, blank=True)
+    response_headers = models.JSONField(_("response headers"), default=list, blank=True)
+    response_body = models.BinaryField(_("response body"), default=b"", blank=True)
+    created = models.DateTimeField(_("created"), default=timezone.now)
+    completed = models.DateTimeField(_("completed"), null=True, blank=True)
+    expires = models.DateTimeField(_("expires"))
+
+    class Meta:
+        verbose_name = _("idempotency key")
+        verbose_name_plural = _("idempotency keys")
+        constraints = [
+            models.UniqueConstraint(fields=["scope", "key"], name="idempotency_scope_key_uniq"),
+        ]
+        indexes = [models.Index(fields=["expires"], name="idempotency_expires_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.scope} / {self.key}"
+
+    def is_expired(self, now: Any = None) -> bool:
+        return self.expires <= (now or timezone.now())

@@ -1,0 +1,253 @@
+"""The database store: the ``IdempotencyKey`` model, on any Django database."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import DatabaseError, IntegrityError, OperationalError, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import F
+from django.utils import timezone
+
+from django_idempotency import signals
+from django_idempotency.engine import ATOMIC, Call, Claim, Policy, Snapshot
+from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress
+from django_idempotency.models import IdempotencyKey
+from django_idempotency.stores import Store
+
+logger = logging.getLogger("django_idempotency")
+
+State = IdempotencyKey.State
+
+# A claim may race with a purge that deletes the row it collided with; after
+# this many rounds something else is wrong and the caller is told to retry.
+_CLAIM_ROUNDS = 3
+
+
+class DatabaseStore(Store):
+    """Keys in the ``IdempotencyKey`` table; supports both ``atomic`` and ``lease``.
+
+    Option ``DATABASE``: the alias to use; by default the one the database
+    router picks for writes of ``IdempotencyKey`` (never a read replica).
+    """
+
+    supports_atomic = True
+
+    def __init__(self, alias: str, *, DATABASE: str | None = None, **options: Any) -> None:  # noqa: N803
+        super().__init__(alias, **options)
+        self.database = DATABASE
+
+    @property
+    def db(self) -> str:
+        return self.database or router.db_for_write(IdempotencyKey)
+
+    def atomic(self) -> contextlib.AbstractContextManager[Any]:
+        return transaction.atomic(using=self.db)
+
+    def rollback_pending(self) -> bool:
+        return transaction.get_rollback(using=self.db)
+
+    def set_rollback(self) -> None:
+        transaction.set_rollback(True, using=self.db)
+
+    def claim(self, call: Call, policy: Policy) -> Claim:
+        try:
+            if policy.mode == ATOMIC:
+                # The caller's transaction (see Store.atomic) holds the claim.
+                with _lock_wait(transaction.get_connection(self.db), policy.wait):
+                    return self._claim(call, policy)
+            with transaction.atomic(using=self.db):
+                with _lock_wait(transaction.get_connection(self.db), policy.wait):
+                    return self._claim(call, policy)
+        except OperationalError as exc:
+            if not _is_lock_contention(exc):
+                raise
+            # Waited as long as allowed for the transaction that holds the key.
+            raise RequestInProgress(retry_after=policy.retry_after) from exc
+
+    def complete(self, claim: Claim, snapshot: Snapshot, policy: Policy) -> bool:
+        # One statement, conditional on the token: atomic with or without a
+        # surrounding transaction, and a no-op for a claim that was taken over.
+        now = timezone.now()
+        updated: int = self._owned(claim).update(
+            state=State.COMPLETED,
+            locked_until=None,
+            response_status=snapshot.status,
+            response_headers=[list(header) for header in snapshot.headers],
+            response_body=snapshot.body,
+            completed=now,
+            expires=now + timedelta(seconds=policy.retention),
+        )
+        return updated == 1
+
+    def release(self, claim: Claim) -> None:
+        self._owned(claim).delete()
+
+    def _owned(self, claim: Claim) -> Any:
+        return IdempotencyKey.objects.using(self.db).filter(
+            scope=claim.call.scope, key=claim.call.key, token=claim.token
+        )
+
+    def _claim(self, call: Call, policy: Policy) -> Claim:
+        for _ in range(_CLAIM_ROUNDS):
+            token = uuid.uuid4().hex
+            now = timezone.now()
+            if self._insert(call, policy, token, now):
+                return Claim(call, token)
+            row = (
+                IdempotencyKey.objects.using(self.db)
+                .filter(scope=call.scope, key=call.key)
+                .first()
+            )
+            if row is None:
+                continue  # purged since the insert collided: try again
+            claim = self._claim_existing(row, call, policy, token, now)
+            if claim is not None:
+                return claim
+        raise RequestInProgress(retry_after=policy.retry_after)
+
+    def _insert(self, call: Call, policy: Policy, token: str, now: datetime) -> bool:
+        try:
+            # A savepoint, so that a collision leaves the transaction usable.
+            with transaction.atomic(using=self.db):
+                IdempotencyKey.objects.using(self.db).create(
+                    scope=call.scope,
+                    key=call.key,
+                    fingerprint=call.fingerprint,
+                    method=call.method,
+                    path=call.path,
+                    state=State.IN_PROGRESS,
+                    token=token,
+                    locked_until=_lease_end(policy, now),
+                    created=now,
+                    expires=now + timedelta(seconds=policy.retention),
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    def _claim_existing(
+        self, row: IdempotencyKey, call: Call, policy: Policy, token: str, now: datetime
+    ) -> Claim | None:
+        """Decide about a committed row; ``None`` when it changed under us."""
+        live_lease = (
+            row.state == State.IN_PROGRESS
+            and row.locked_until is not None
+            and row.locked_until > now
+        )
+        if row.expires <= now and not live_lease:
+            # Past retention: the key is new again.
+            fields = {"attempts": 1, "created": now}
+            return self._take_over(row, call, policy, token, now, fields)
+        if row.fingerprint != call.fingerprint:
+            raise FingerprintMismatch(
+                "This idempotency key was already used for a different request."
+            )
+        if row.state == State.COMPLETED:
+            return Claim(call, row.token, replay=_snapshot(row))
+        if live_lease:
+            assert row.locked_until is not None
+            left = (row.locked_until - now).total_seconds()
+            raise RequestInProgress(retry_after=math.ceil(left))
+        # An in-progress claim whose lease ended: its worker died or stalled.
+        claim = self._take_over(row, call, policy, token, now, {"attempts": F("attempts") + 1})
+        if claim is not None:
+            logger.warning("Takeover: %s had an expired lease", call)
+            signals.takeover.send(sender=type(self), call=call)
+        return claim
+
+    def _take_over(
+        self,
+        row: IdempotencyKey,
+        call: Call,
+        policy: Policy,
+        token: str,
+        now: datetime,
+        fields: dict[str, Any],
+    ) -> Claim | None:
+        # Compare-and-set on the old token: of several requests taking over
+        # the same row, exactly one updates it.
+        updated = (
+            IdempotencyKey.objects.using(self.db)
+            .filter(pk=row.pk, token=row.token)
+            .update(
+                fingerprint=call.fingerprint,
+                method=call.method,
+                path=call.path,
+                state=State.IN_PROGRESS,
+                token=token,
+                locked_until=_lease_end(policy, now),
+                response_status=None,
+                response_headers=[],
+                response_body=b"",
+                completed=None,
+                expires=now + timedelta(seconds=policy.retention),
+                **fields,
+            )
+        )
+        return Claim(call, token) if updated == 1 else None
+
+
+def _snapshot(row: IdempotencyKey) -> Snapshot:
+    return Snapshot(
+        status=row.response_status or 0,
+        headers=tuple((str(name), str(value)) for name, value in row.response_headers),
+        body=bytes(row.response_body),
+    )
+
+
+def _lease_end(policy: Policy, now: datetime) -> datetime | None:
+    # In atomic mode the transaction's lock, not a lease, holds the claim.
+    return None if policy.mode == ATOMIC else now + timedelta(seconds=policy.lease)
+
+
+@contextlib.contextmanager
+def _lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> Iterator[None]:
+    """Bound how long statements wait for a lock held by another transaction."""
+    vendor = connection.vendor
+    with connection.cursor() as cursor:
+        if vendor == "postgresql":
+            # 0 would mean "no limit" to PostgreSQL; 1 ms is "at once".
+            cursor.execute("SET LOCAL lock_timeout = %s", [f"{max(1, int(seconds * 1000))}ms"])
+        elif vendor == "mysql":
+            minimum = 0 if connection.mysql_is_mariadb else 1  # type: ignore[attr-defined]
+            cursor.execute(
+                "SET @idempotency_saved_wait = @@SESSION.innodb_lock_wait_timeout,"
+                " @@SESSION.innodb_lock_wait_timeout = %s",
+                [max(minimum, math.ceil(seconds))],
+            )
+        elif vendor == "sqlite":
+            cursor.execute("PRAGMA busy_timeout")
+            saved = cursor.fetchone()[0]
+            cursor.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+            if vendor == "postgresql" and not connection.needs_rollback:
+                cursor.execute("SET LOCAL lock_timeout TO DEFAULT")
+            elif vendor == "mysql":
+                cursor.execute(
+                    "SET @@SESSION.innodb_lock_wait_timeout = @idempotency_saved_wait"
+                )
+            elif vendor == "sqlite":
+                cursor.execute(f"PRAGMA busy_timeout = {int(saved)}")
+
+
+def _is_lock_contention(exc: OperationalError) -> bool:
+    """Whether ``exc`` says a lock was not granted in time (not a broken connection)."""
+    cause = exc.__cause__
+    sqlstate = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+    if sqlstate is not None:
+        return sqlstate in {"55P03", "40P01", "40001"}  # lock timeout, deadlock, serialization
+    code = exc.args[0] if exc.args else None
+    if isinstance(code, int):
+        return code in {1205, 1213}  # MySQL: lock wait timeout, deadlock
+    message = str(exc).lower()
+    return "locked" in message or "busy" in message  # SQLite
