@@ -19,7 +19,7 @@ from django_idempotency import signals
 from django_idempotency.engine import ATOMIC, Call, Claim, Policy, Snapshot
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress
 from django_idempotency.models import IdempotencyKey
-from django_idempotency.stores import Store
+from django_idempotency.stores import Store, postgresql
 
 logger = logging.getLogger("django_idempotency")
 
@@ -57,14 +57,17 @@ class DatabaseStore(Store):
         transaction.set_rollback(True, using=self.db)
 
     def claim(self, call: Call, policy: Policy) -> Claim:
+        connection = transaction.get_connection(self.db)
+        if connection.vendor == "postgresql":
+            claim_in_transaction = self._claim_postgresql
+        else:
+            claim_in_transaction = self._claim
         try:
             if policy.mode == ATOMIC:
                 # The caller's transaction (see Store.atomic) holds the claim.
-                with _lock_wait(transaction.get_connection(self.db), policy.wait):
-                    return self._claim(call, policy)
+                return claim_in_transaction(call, policy)
             with transaction.atomic(using=self.db):
-                with _lock_wait(transaction.get_connection(self.db), policy.wait):
-                    return self._claim(call, policy)
+                return claim_in_transaction(call, policy)
         except OperationalError as exc:
             if not _is_lock_contention(exc):
                 raise
@@ -95,16 +98,35 @@ class DatabaseStore(Store):
         )
 
     def _claim(self, call: Call, policy: Policy) -> Claim:
+        # Contention shows as a lock wait on the unique index, bounded here.
+        with _lock_wait(transaction.get_connection(self.db), policy.wait):
+            for _ in range(_CLAIM_ROUNDS):
+                token = uuid.uuid4().hex
+                now = timezone.now()
+                if self._insert(call, policy, token, now):
+                    return Claim(call, token)
+                row = self._existing(call)
+                if row is None:
+                    continue  # purged since the insert collided: try again
+                claim = self._claim_existing(row, call, policy, token, now)
+                if claim is not None:
+                    return claim
+        raise RequestInProgress(retry_after=policy.retry_after)
+
+    def _claim_postgresql(self, call: Call, policy: Policy) -> Claim:
+        connection = transaction.get_connection(self.db)
         for _ in range(_CLAIM_ROUNDS):
             token = uuid.uuid4().hex
             now = timezone.now()
-            if self._insert(call, policy, token, now):
+            inserted = postgresql.insert(connection, call, _new_row(call, policy, token, now))
+            if inserted is postgresql.Inserted.CLAIMED:
                 return Claim(call, token)
-            row = (
-                IdempotencyKey.objects.using(self.db)
-                .filter(scope=call.scope, key=call.key)
-                .first()
-            )
+            row = self._existing(call)
+            if inserted is postgresql.Inserted.CONTENDED and not _is_final(row, now):
+                # Someone is claiming the key right now; a completed row is
+                # final, anything else is theirs to decide.
+                postgresql.wait_for(connection, call, policy.wait, policy.retry_after)
+                continue
             if row is None:
                 continue  # purged since the insert collided: try again
             claim = self._claim_existing(row, call, policy, token, now)
@@ -112,21 +134,15 @@ class DatabaseStore(Store):
                 return claim
         raise RequestInProgress(retry_after=policy.retry_after)
 
+    def _existing(self, call: Call) -> IdempotencyKey | None:
+        return IdempotencyKey.objects.using(self.db).filter(scope=call.scope, key=call.key).first()
+
     def _insert(self, call: Call, policy: Policy, token: str, now: datetime) -> bool:
         try:
             # A savepoint, so that a collision leaves the transaction usable.
             with transaction.atomic(using=self.db):
                 IdempotencyKey.objects.using(self.db).create(
-                    scope=call.scope,
-                    key=call.key,
-                    fingerprint=call.fingerprint,
-                    method=call.method,
-                    path=call.path,
-                    state=State.IN_PROGRESS,
-                    token=token,
-                    locked_until=_lease_end(policy, now),
-                    created=now,
-                    expires=now + timedelta(seconds=policy.retention),
+                    **_new_row(call, policy, token, now)
                 )
         except IntegrityError:
             return False
@@ -200,6 +216,29 @@ def _snapshot(row: IdempotencyKey) -> Snapshot:
         headers=tuple((str(name), str(value)) for name, value in row.response_headers),
         body=bytes(row.response_body),
     )
+
+
+def _new_row(call: Call, policy: Policy, token: str, now: datetime) -> dict[str, Any]:
+    return {
+        "scope": call.scope,
+        "key": call.key,
+        "fingerprint": call.fingerprint,
+        "method": call.method,
+        "path": call.path,
+        "state": State.IN_PROGRESS,
+        "token": token,
+        "locked_until": _lease_end(policy, now),
+        "attempts": 1,
+        "response_headers": [],
+        "response_body": b"",
+        "created": now,
+        "expires": now + timedelta(seconds=policy.retention),
+    }
+
+
+def _is_final(row: IdempotencyKey | None, now: datetime) -> bool:
+    """Whether ``row`` is a completed, unexpired outcome: replayed as it is."""
+    return row is not None and row.state == State.COMPLETED and row.expires > now
 
 
 def _lease_end(policy: Policy, now: datetime) -> datetime | None:
