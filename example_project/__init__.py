@@ -1,0 +1,1 @@
+"""A small shop API that shows every entry point of django-idempotency."""

@@ -1,0 +1,107 @@
+"""One view per entry point of django-idempotency.
+
+- ``OrderViewSet``: a DRF viewset, with ``IdempotencyMixin`` first in the bases.
+- ``create_payment``: a DRF function view, ``@idempotent`` under ``@api_view``.
+- ``create_order``: a plain Django view, ``@idempotent`` under ``login_required``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib.auth.decorators import login_required
+from django.db.models import QuerySet
+from django.forms import ModelForm
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
+from django.views.decorators.http import require_POST
+from rest_framework import status, viewsets
+from rest_framework.decorators import api_view
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.reverse import reverse as api_reverse
+from rest_framework.serializers import BaseSerializer
+
+from django_idempotency.decorators import idempotent
+from django_idempotency.drf import IdempotencyMixin
+from example_project.shop import provider
+from example_project.shop.models import Order, Payment
+from example_project.shop.serializers import OrderSerializer, PaymentSerializer
+
+
+class OrderViewSet(IdempotencyMixin, viewsets.ModelViewSet):  # type: ignore[type-arg]
+    """Orders of the authenticated user. POST and PATCH need an ``Idempotency-Key``.
+
+    The default ``atomic`` mode runs the view in the transaction that holds the
+    key: the order and the stored response are committed together.
+    """
+
+    serializer_class = OrderSerializer
+
+    def get_queryset(self) -> QuerySet[Order]:
+        return Order.objects.filter(owner=self.request.user)
+
+    def perform_create(self, serializer: BaseSerializer[Order]) -> None:
+        serializer.save(owner=self.request.user)
+
+
+# The charge goes to an external provider, which a database rollback cannot
+# undo: the lease mode keeps the key claimed, outside any transaction, for as
+# long as the provider may take.
+@api_view(["POST"])
+@idempotent(mode="lease", lease=10)
+def create_payment(request: Request) -> Response:
+    """Pay for one of the user's orders."""
+    serializer = PaymentSerializer(data=request.data, context={"request": request})
+    serializer.is_valid(raise_exception=True)
+    reference = provider.charge(serializer.validated_data["amount_cents"])
+    payment = serializer.save(owner=request.user, reference=reference)
+    return Response(
+        serializer.data,
+        status=status.HTTP_201_CREATED,
+        headers={"Location": api_reverse("payment-detail", args=[payment.pk], request=request)},
+    )
+
+
+@api_view(["GET"])
+def payment_detail(request: Request, pk: int) -> Response:
+    payment = get_object_or_404(Payment, pk=pk, owner=request.user)
+    return Response(PaymentSerializer(payment, context={"request": request}).data)
+
+
+class OrderForm(ModelForm):  # type: ignore[type-arg]
+    class Meta:
+        model = Order
+        fields = ("item", "amount")
+
+
+@require_POST
+@login_required
+@idempotent
+def create_order(request: HttpRequest) -> HttpResponse:
+    """Create an order from a JSON body, for browser code using the session."""
+    try:
+        data: Any = json.loads(request.body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        errors = {"__all__": [{"message": "Send a JSON object.", "code": "invalid"}]}
+        return JsonResponse({"errors": errors}, status=400)
+    form = OrderForm(data)
+    if not form.is_valid():
+        return JsonResponse({"errors": form.errors.get_json_data()}, status=400)
+    form.instance.owner = request.user
+    order = form.save()
+    response = JsonResponse(
+        {"id": order.pk, "item": order.item, "amount": str(order.amount)}, status=201
+    )
+    response["Location"] = reverse("order-detail", args=[order.pk])
+    return response
+
+
+@login_required
+def index(request: HttpRequest) -> HttpResponse:
+    """A page whose form posts to ``create_order`` with one key per page load."""
+    return render(request, "shop/index.html")
