@@ -12,10 +12,15 @@ import pytest
 from django.contrib.auth.models import AbstractBaseUser
 from django.http.response import HttpResponseBase
 from django.test import Client, RequestFactory
+from hypothesis import settings as hypothesis_settings
 
 from django_idempotency.fingerprints import request_fingerprint
 from tests.factories import UserFactory
 from tests.testapp import views
+
+# No example database in the working tree; CI runs start fresh anyway.
+hypothesis_settings.register_profile("django-idempotency", database=None, deadline=None)
+hypothesis_settings.load_profile("django-idempotency")
 
 #: A second database alias, created only for the tests that ask for it
 #: (``@pytest.mark.django_db(databases=[...])``): keys routed away from "default".
