@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,12 +15,14 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.http.response import HttpResponseBase
 from django.test import Client, RequestFactory
 from hypothesis import settings as hypothesis_settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from django_idempotency.fingerprints import request_fingerprint
 from tests.factories import UserFactory
 from tests.testapp import views
 
-# No example database in the working tree; CI runs start fresh anyway.
+# Nothing of hypothesis' in the working tree (examples, Unicode tables).
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "django-idempotency-hypothesis"))
 hypothesis_settings.register_profile("django-idempotency", database=None, deadline=None)
 hypothesis_settings.load_profile("django-idempotency")
 
