@@ -27,6 +27,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_idempotency",
     "tests.testapp",
+    "example_project.shop",  # tests/test_example_project.py
 ]
 
 MIDDLEWARE = [
