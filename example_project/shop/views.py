@@ -94,6 +94,7 @@ def create_order(request: HttpRequest) -> HttpResponse:
         return JsonResponse({"errors": form.errors.get_json_data()}, status=400)
     form.instance.owner = request.user
     order = form.save()
+    order.refresh_from_db()  # the amount as stored: 4.5 becomes 4.50
     response = JsonResponse(
         {"id": order.pk, "item": order.item, "amount": str(order.amount)}, status=201
     )
