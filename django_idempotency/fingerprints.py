@@ -35,8 +35,10 @@ def request_body(request: HttpRequest) -> bytes:
     if _is_json(request.content_type):
         try:
             return canonical_json(json.loads(body))
-        except (ValueError, UnicodeDecodeError):
-            pass  # not valid JSON: the raw bytes stand for themselves
+        except (ValueError, RecursionError):
+            # Not valid JSON (or nested too deep to decode): the raw bytes
+            # stand for themselves. UnicodeDecodeError is a ValueError.
+            pass
     return body
 
 

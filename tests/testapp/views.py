@@ -49,7 +49,7 @@ def behave(data: dict[str, Any], user: Any) -> tuple[int, dict[str, Any]]:
 def _data(request: HttpRequest) -> dict[str, Any]:
     try:
         loaded = json.loads(request.body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return loaded if isinstance(loaded, dict) else {}
 
