@@ -8,15 +8,25 @@ function that concludes what of its result is kept, and gets back either
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
+from asgiref.sync import sync_to_async
+from django.core.exceptions import ImproperlyConfigured
+
 from django_idempotency import signals
-from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress
+from django_idempotency.exceptions import (
+    FingerprintMismatch,
+    IdempotencyError,
+    RequestInProgress,
+    StoreUnavailable,
+)
 from django_idempotency.stores import Store, get_store
 
 logger = logging.getLogger("django_idempotency")
@@ -96,6 +106,25 @@ class Replayed:
     snapshot: Snapshot
 
 
+@dataclass
+class Guard:
+    """A call inside :func:`protected`: its stored outcome, or room for a new one.
+
+    ``claim`` is ``None`` when the store was unreachable and configured to
+    fail open: the code then runs unprotected and nothing is stored.
+    """
+
+    call: Call
+    claim: Claim | None
+    #: What the protected code's outcome leaves behind; it sets this before the
+    #: block ends. Left unset, nothing is kept.
+    conclusion: Conclusion = Discard.FAILURE
+
+    @property
+    def replay(self) -> Snapshot | None:
+        return None if self.claim is None else self.claim.replay
+
+
 def run(
     call: Call,
     policy: Policy,
@@ -108,88 +137,198 @@ def run(
     call must not run now; whatever ``execute`` raises propagates, and the key
     is then free again.
     """
+    with protected(call, policy) as guard:
+        if guard.replay is not None:
+            return Replayed(guard.replay)
+        result = execute()
+        guard.conclusion = conclude(result)
+    return Executed(result)
+
+
+@contextlib.contextmanager
+def protected(call: Call, policy: Policy) -> Iterator[Guard]:
+    """The protocol around a block of code, for adapters that cannot pass a callable.
+
+    On entry the key is claimed (or its outcome found: ``guard.replay``); the
+    block sets ``guard.conclusion``; on exit the outcome is stored, or the key
+    freed if the block raised. In ``atomic`` mode the block runs inside the
+    store's transaction.
+    """
     store = get_store(policy.store)
-    if policy.mode is None:
-        policy = replace(policy, mode=ATOMIC if store.supports_atomic else LEASE)
+    policy = _resolve_mode(store, policy)
+    if policy.mode == ATOMIC:
+        # Claim, execution and completion share one transaction: the protected
+        # code's writes and the stored outcome commit together or not at all.
+        with store.atomic():
+            guard = _claim_or_refuse(store, call, lambda: store.claim(call, policy))
+            yield guard
+            _finish_atomic(store, guard, policy)
+    else:
+        guard = _claim_or_refuse(store, call, lambda: _claim_waiting(store, call, policy))
+        try:
+            yield guard
+        except BaseException:
+            _release_quietly(store, guard)
+            raise
+        _finish_lease(store, guard, policy)
+    _report_outcome(store, guard)
+
+
+async def run_async(
+    call: Call,
+    policy: Policy,
+    execute: Callable[[], Awaitable[T]],
+    conclude: Callable[[T], Conclusion],
+) -> Executed[T] | Replayed:
+    """:func:`run` for coroutines, in ``lease`` mode only.
+
+    A transaction cannot span an ``await`` (Django binds it to one thread), so
+    ``atomic`` is refused. The store is used from a worker thread; waiting for
+    an in-flight duplicate sleeps without blocking the event loop.
+    """
+    store = get_store(policy.store)
+    if policy.mode == ATOMIC:
+        raise ImproperlyConfigured(
+            'Async code runs in "lease" mode: a transaction cannot span an await. '
+            'Use mode="lease" (and IDEMPOTENCY_MODE = None or "lease").'
+        )
+    policy = replace(policy, mode=LEASE)
     try:
-        if policy.mode == ATOMIC:
-            outcome = _run_atomic(store, call, policy, execute, conclude)
-        else:
-            outcome = _run_lease(store, call, policy, execute, conclude)
-    except RequestInProgress:
+        claim = await _claim_waiting_async(store, call, policy)
+    except IdempotencyError as error:
+        guard = await sync_to_async(_refused)(store, call, error)
+    else:
+        guard = Guard(call, claim)
+    if guard.replay is not None:
+        await sync_to_async(_report_outcome)(store, guard)
+        return Replayed(guard.replay)
+    try:
+        result = await execute()
+        guard.conclusion = await sync_to_async(conclude)(result)
+    except BaseException:
+        await sync_to_async(_release_quietly)(store, guard)
+        raise
+    await sync_to_async(_finish_lease)(store, guard, policy)
+    await sync_to_async(_report_outcome)(store, guard)
+    return Executed(result)
+
+
+def _resolve_mode(store: Store, policy: Policy) -> Policy:
+    if policy.mode is None:
+        return replace(policy, mode=ATOMIC if store.supports_atomic else LEASE)
+    if policy.mode == ATOMIC and not store.supports_atomic:
+        raise ImproperlyConfigured(
+            f'The idempotency store {store.alias!r} supports only mode="lease".'
+        )
+    return policy
+
+
+def _claim_or_refuse(store: Store, call: Call, claim: Callable[[], Claim]) -> Guard:
+    try:
+        return Guard(call, claim())
+    except IdempotencyError as error:
+        return _refused(store, call, error)
+
+
+def _refused(store: Store, call: Call, error: IdempotencyError) -> Guard:
+    """Report why ``call`` was not claimed and re-raise, or run it unprotected."""
+    if isinstance(error, StoreUnavailable):
+        if not store.fail_open:
+            logger.error("Store %r unavailable: refused %s", store.alias, call)
+            raise error
+        logger.error("Store %r unavailable: running %s unprotected (fail open)", store.alias, call)
+        return Guard(call, None)
+    if isinstance(error, RequestInProgress):
         logger.warning("Conflict: %s is in progress", call)
         signals.conflict.send(sender=type(store), call=call)
-        raise
-    except FingerprintMismatch:
+    elif isinstance(error, FingerprintMismatch):
         logger.warning("Mismatch: %s was used for a different request", call)
         signals.mismatch.send(sender=type(store), call=call)
-        raise
-    if isinstance(outcome, Replayed):
-        logger.info("Replayed %s (status %s)", call, outcome.snapshot.status)
-        signals.replayed.send(sender=type(store), call=call)
+    raise error
+
+
+def _finish_atomic(store: Store, guard: Guard, policy: Policy) -> None:
+    if guard.claim is None or guard.replay is not None:
+        return
+    conclusion = guard.conclusion
+    if conclusion is Discard.FAILURE or store.rollback_pending():
+        store.set_rollback()
+    elif conclusion is Discard.UNSTORABLE:
+        store.release(guard.claim)
     else:
-        signals.executed.send(sender=type(store), call=call)
-    return outcome
+        store.complete(guard.claim, conclusion, policy)
 
 
-def _run_atomic(
-    store: Store,
-    call: Call,
-    policy: Policy,
-    execute: Callable[[], T],
-    conclude: Callable[[T], Conclusion],
-) -> Executed[T] | Replayed:
-    # Claim, execution and completion share one transaction: the protected
-    # code's writes and the stored outcome commit together or not at all.
-    with store.atomic():
-        claim = store.claim(call, policy)
-        if claim.replay is not None:
-            return Replayed(claim.replay)
-        result = execute()
-        conclusion = conclude(result)
-        if conclusion is Discard.FAILURE or store.rollback_pending():
-            store.set_rollback()
-        elif conclusion is Discard.UNSTORABLE:
-            store.release(claim)
-        else:
-            store.complete(claim, conclusion, policy)
-    return Executed(result)
-
-
-def _run_lease(
-    store: Store,
-    call: Call,
-    policy: Policy,
-    execute: Callable[[], T],
-    conclude: Callable[[T], Conclusion],
-) -> Executed[T] | Replayed:
-    claim = _claim_waiting(store, call, policy)
-    if claim.replay is not None:
-        return Replayed(claim.replay)
+def _finish_lease(store: Store, guard: Guard, policy: Policy) -> None:
+    claim, conclusion = guard.claim, guard.conclusion
+    if claim is None or claim.replay is not None:
+        return
+    if not isinstance(conclusion, Snapshot):
+        _release_quietly(store, guard)
+        return
     try:
-        result = execute()
-        conclusion = conclude(result)
-    except BaseException:
-        store.release(claim)
-        raise
-    if isinstance(conclusion, Snapshot):
-        if not store.complete(claim, conclusion, policy):
-            logger.error("Lease lost: %s was taken over before it completed; not stored", call)
+        completed = store.complete(claim, conclusion, policy)
+    except StoreUnavailable:
+        # The code ran: its result goes back to the caller all the same; a
+        # retry after the lease ends runs again.
+        logger.error(
+            "Store %r unavailable: the outcome of %s was not stored", store.alias, guard.call
+        )
+        return
+    if not completed:
+        logger.error("Lease lost: %s was taken over before it completed; not stored", guard.call)
+
+
+def _release_quietly(store: Store, guard: Guard) -> None:
+    """Free the key, without hiding the error that may be on its way up."""
+    if guard.claim is None or guard.claim.replay is not None:
+        return
+    try:
+        store.release(guard.claim)
+    except StoreUnavailable:
+        logger.error(
+            "Store %r unavailable: %s stays claimed until its lease ends", store.alias, guard.call
+        )
+
+
+def _report_outcome(store: Store, guard: Guard) -> None:
+    if guard.claim is None:
+        return
+    if guard.replay is not None:
+        logger.info("Replayed %s (status %s)", guard.call, guard.replay.status)
+        signals.replayed.send(sender=type(store), call=guard.call)
     else:
-        store.release(claim)
-    return Executed(result)
+        signals.executed.send(sender=type(store), call=guard.call)
 
 
 def _claim_waiting(store: Store, call: Call, policy: Policy) -> Claim:
     """Claim in lease mode, polling with backoff up to ``policy.wait`` seconds."""
-    deadline = time.monotonic() + policy.wait
-    delay = 0.05
+    pauses = _pauses(time.monotonic() + policy.wait)
     while True:
         try:
             return store.claim(call, policy)
         except RequestInProgress:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            pause = next(pauses, None)
+            if pause is None:
                 raise
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 1.0)
+            time.sleep(pause)
+
+
+async def _claim_waiting_async(store: Store, call: Call, policy: Policy) -> Claim:
+    pauses = _pauses(time.monotonic() + policy.wait)
+    while True:
+        try:
+            return await sync_to_async(store.claim)(call, policy)
+        except RequestInProgress:
+            pause = next(pauses, None)
+            if pause is None:
+                raise
+            await asyncio.sleep(pause)
+
+
+def _pauses(deadline: float) -> Iterator[float]:
+    """Pauses between claim attempts: 50 ms doubling to 1 s, until ``deadline``."""
+    pause = 0.05
+    while (remaining := deadline - time.monotonic()) > 0:
+        yield min(pause, remaining)
+        pause = min(pause * 2, 1.0)

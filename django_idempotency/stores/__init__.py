@@ -24,6 +24,9 @@ class Store:
 
     #: Whether the ``atomic`` mode (one transaction around the view) is possible.
     supports_atomic = False
+    #: When :meth:`claim` raises ``StoreUnavailable``: run the code unprotected
+    #: (``True``) or refuse it (``False``, answered 503 over HTTP).
+    fail_open = False
 
     def __init__(self, alias: str, **options: Any) -> None:
         self.alias = alias

@@ -187,11 +187,12 @@ class DatabaseStore(Store):
         now: datetime,
         fields: dict[str, Any],
     ) -> Claim | None:
-        # Compare-and-set on the old token: of several requests taking over
-        # the same row, exactly one updates it.
+        # Compare-and-set on the old token and state: of several requests
+        # taking over the same row, exactly one updates it, and none does once
+        # the late owner has completed it (its token stays, its state changes).
         updated = (
             IdempotencyKey.objects.using(self.db)
-            .filter(pk=row.pk, token=row.token)
+            .filter(pk=row.pk, token=row.token, state=row.state)
             .update(
                 fingerprint=call.fingerprint,
                 method=call.method,

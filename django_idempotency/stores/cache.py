@@ -1,0 +1,261 @@
+"""The Redis store: keys in a django-redis cache, ``lease`` mode only.
+
+Each (scope, key) is one Redis string holding a JSON record: its state, owner
+token, fingerprint, lease end and expiry, and once completed the snapshot.
+A claim is ``SET NX PX``; deciding about an existing record, completing and
+releasing are Lua scripts that compare the owner token, so every operation
+touches a single key and works on Redis Cluster as on a single server.
+
+Times in the record are the application's clock (milliseconds since the
+epoch), as with the database store; Redis' own expiry only collects records
+once nobody can need them any more.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import caches
+from django.core.exceptions import ImproperlyConfigured
+from django_redis import get_redis_connection  # type: ignore[import-untyped]
+from django_redis.cache import RedisCache  # type: ignore[import-untyped]
+from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from django_idempotency import signals
+from django_idempotency.engine import Call, Claim, Policy, Snapshot
+from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
+from django_idempotency.stores import Store
+
+logger = logging.getLogger("django_idempotency")
+
+IN_PROGRESS = "in_progress"
+COMPLETED = "completed"
+
+# KEYS[1]: the record. ARGV[1]: a fresh in-progress record (JSON), ARGV[2]:
+# now (ms), ARGV[3]: its time to live (ms). Called when SET NX found a record;
+# decides like the database store does about an existing row.
+_CLAIM_EXISTING = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  return {'claimed'}
+end
+local record = cjson.decode(raw)
+local fresh = cjson.decode(ARGV[1])
+local now = tonumber(ARGV[2])
+local live = record.state == 'in_progress' and record.locked_until > now
+if record.expires <= now and not live then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+  return {'claimed'}
+end
+if record.fingerprint ~= fresh.fingerprint then
+  return {'mismatch'}
+end
+if record.state == 'completed' then
+  return {'replay', raw}
+end
+if live then
+  return {'in_progress', tostring(record.locked_until - now)}
+end
+fresh.attempts = record.attempts + 1
+fresh.created = record.created
+redis.call('SET', KEYS[1], cjson.encode(fresh), 'PX', ARGV[3])
+return {'taken_over', tostring(fresh.attempts)}
+"""
+
+# KEYS[1]: the record. ARGV[1]: the owner token, ARGV[2]: the completed
+# record (JSON), ARGV[3]: its time to live (ms). Stores only for the owner.
+_COMPLETE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then
+  return 0
+end
+local record = cjson.decode(raw)
+if record.token ~= ARGV[1] or record.state ~= 'in_progress' then
+  return 0
+end
+local done = cjson.decode(ARGV[2])
+done.attempts = record.attempts
+done.created = record.created
+redis.call('SET', KEYS[1], cjson.encode(done), 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS[1]: the record. ARGV[1]: the owner token. Deletes only the owner's claim.
+_RELEASE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then
+  return 0
+end
+local record = cjson.decode(raw)
+if record.token == ARGV[1] and record.state == 'in_progress' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
+class CacheStore(Store):
+    """Keys in Redis, through a django-redis cache; supports ``lease`` only.
+
+    Options: ``CACHE``, the alias in ``CACHES`` (a ``django_redis`` backend);
+    ``FAIL_OPEN``: when Redis cannot be reached, run the code unprotected and
+    log an error (``True``) instead of refusing it with 503 (``False``, the
+    default).
+    """
+
+    supports_atomic = False
+
+    def __init__(self, alias: str, *, CACHE: str = "default", FAIL_OPEN: bool = False) -> None:
+        super().__init__(alias)
+        if CACHE not in settings.CACHES:
+            raise ImproperlyConfigured(f"CACHE {CACHE!r} is not an alias in CACHES.")
+        if not isinstance(caches[CACHE], RedisCache):
+            raise ImproperlyConfigured(
+                f"CACHE {CACHE!r} must use django-redis (django_redis.cache.RedisCache)."
+            )
+        if not isinstance(FAIL_OPEN, bool):
+            raise ImproperlyConfigured(f"FAIL_OPEN must be True or False, not {FAIL_OPEN!r}.")
+        self.cache = CACHE
+        self.fail_open = FAIL_OPEN
+
+    def claim(self, call: Call, policy: Policy) -> Claim:
+        token = uuid.uuid4().hex
+        now = _now_ms()
+        name = self.record_name(call.scope, call.key)
+        fresh = _dumps(_in_progress(call, policy, token, now))
+        ttl = _ms(max(policy.retention, policy.lease))
+        with self._reachable() as client:
+            if client.set(name, fresh, nx=True, px=ttl):
+                return Claim(call, token)
+            decision = client.register_script(_CLAIM_EXISTING)(
+                keys=[name], args=[fresh, now, ttl], client=client
+            )
+        return self._decide(call, token, decision)
+
+    def complete(self, claim: Claim, snapshot: Snapshot, policy: Policy) -> bool:
+        now = _now_ms()
+        done = _completed(claim, snapshot, policy, now)
+        name = self.record_name(claim.call.scope, claim.call.key)
+        with self._reachable() as client:
+            stored = client.register_script(_COMPLETE)(
+                keys=[name], args=[claim.token, _dumps(done), _ms(policy.retention)], client=client
+            )
+        return bool(stored)
+
+    def release(self, claim: Claim) -> None:
+        name = self.record_name(claim.call.scope, claim.call.key)
+        with self._reachable() as client:
+            client.register_script(_RELEASE)(keys=[name], args=[claim.token], client=client)
+
+    def record(self, scope: str, key: str) -> dict[str, Any] | None:
+        """The stored record of (scope, key), decoded; for inspection and tests."""
+        with self._reachable() as client:
+            raw = client.get(self.record_name(scope, key))
+        return None if raw is None else _loads(raw)
+
+    def record_name(self, scope: str, key: str) -> str:
+        """The Redis key of (scope, key): hashed, so any scope and key fit unambiguously."""
+        digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
+        name: str = caches[self.cache].make_key(f"django_idempotency:{digest}")
+        return name
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[Redis]:
+        try:
+            yield get_redis_connection(self.cache)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise StoreUnavailable(f"Redis (cache {self.cache!r}) cannot be reached.") from exc
+
+    def _decide(self, call: Call, token: str, decision: list[bytes]) -> Claim:
+        verdict = decision[0].decode()
+        if verdict == "claimed":
+            return Claim(call, token)
+        if verdict == "taken_over":
+            logger.warning("Takeover: %s had an expired lease (attempt %s)", call, int(decision[1]))
+            signals.takeover.send(sender=type(self), call=call)
+            return Claim(call, token)
+        if verdict == "mismatch":
+            raise FingerprintMismatch(
+                "This idempotency key was already used for a different request."
+            )
+        if verdict == "replay":
+            record = _loads(decision[1])
+            return Claim(call, record["token"], replay=_snapshot(record))
+        left_ms = int(decision[1])
+        raise RequestInProgress(retry_after=math.ceil(left_ms / 1000))
+
+
+def _in_progress(call: Call, policy: Policy, token: str, now: int) -> dict[str, Any]:
+    return {
+        "state": IN_PROGRESS,
+        "token": token,
+        "scope": call.scope,
+        "key": call.key,
+        "fingerprint": call.fingerprint,
+        "method": call.method,
+        "path": call.path,
+        "attempts": 1,
+        "created": now,
+        "locked_until": now + _ms(policy.lease),
+        "expires": now + _ms(policy.retention),
+    }
+
+
+def _completed(claim: Claim, snapshot: Snapshot, policy: Policy, now: int) -> dict[str, Any]:
+    call = claim.call
+    return {
+        "state": COMPLETED,
+        "token": claim.token,
+        "scope": call.scope,
+        "key": call.key,
+        "fingerprint": call.fingerprint,
+        "method": call.method,
+        "path": call.path,
+        "completed": now,
+        "locked_until": 0,
+        "expires": now + _ms(policy.retention),
+        "status": snapshot.status,
+        "headers": [list(header) for header in snapshot.headers],
+        "body": base64.b64encode(snapshot.body).decode("ascii"),
+    }
+
+
+def _snapshot(record: dict[str, Any]) -> Snapshot:
+    # Lua's cjson writes an empty list as {}: "or ()" reads both as no headers.
+    headers = record.get("headers") or ()
+    return Snapshot(
+        status=int(record["status"]),
+        headers=tuple((str(name), str(value)) for name, value in headers),
+        body=base64.b64decode(record.get("body", "")),
+    )
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"))
+
+
+def _loads(raw: bytes | str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(raw)
+    return loaded
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
