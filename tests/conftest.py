@@ -32,7 +32,21 @@ OTHER_DATABASE = "idempotency_other"
 
 
 @pytest.fixture(scope="session")
-def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None) -> None:
+def django_db_modify_db_settings(
+    request: pytest.FixtureRequest, django_db_modify_db_settings_parallel_suffix: None
+) -> None:
+    # Only when a selected test asks for it: code that walks every alias
+    # (system checks, for one) would otherwise touch it in all other tests.
+    if any(OTHER_DATABASE in _databases_of(item) for item in request.session.items):
+        _add_other_database()
+
+
+def _databases_of(item: pytest.Item) -> Any:
+    marker = item.get_closest_marker("django_db")
+    return () if marker is None else marker.kwargs.get("databases") or ()
+
+
+def _add_other_database() -> None:
     from django.db import connections
 
     default = connections.settings["default"]

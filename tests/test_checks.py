@@ -1,0 +1,124 @@
+"""Every setting is validated by a system check with a stable id."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.core.checks import run_checks
+from django.db import connection
+from django.test import override_settings
+
+from django_idempotency.checks import check_settings
+from django_idempotency.stores import Store
+
+DATABASE_STORE = "django_idempotency.stores.database.DatabaseStore"
+
+
+class LeaseOnlyStore(Store):
+    """A store without atomic mode, as a cache store is."""
+
+
+def ids(**settings: Any) -> set[str]:
+    with override_settings(**settings):
+        return {message.id for message in check_settings() if message.id}
+
+
+def errors(**settings: Any) -> set[str]:
+    return {id_ for id_ in ids(**settings) if ".E" in id_}
+
+
+def test_default_settings_pass() -> None:
+    assert errors() == set()
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "check_id"),
+    [
+        ("IDEMPOTENCY_HEADER", "Idempotency Key", "E001"),
+        ("IDEMPOTENCY_HEADER", 42, "E001"),
+        ("IDEMPOTENCY_METHODS", ["GET"], "E002"),
+        ("IDEMPOTENCY_METHODS", "POST", "E002"),
+        ("IDEMPOTENCY_METHODS", [1], "E002"),
+        ("IDEMPOTENCY_REQUIRED", "yes", "E003"),
+        ("IDEMPOTENCY_SCOPE", "no.such.function", "E004"),
+        ("IDEMPOTENCY_SCOPE", 42, "E004"),
+        ("IDEMPOTENCY_FINGERPRINT", "django_idempotency.fingerprints", "E005"),
+        ("IDEMPOTENCY_RETENTION", 0, "E006"),
+        ("IDEMPOTENCY_RETENTION", "24h", "E006"),
+        ("IDEMPOTENCY_RETENTION", timedelta(seconds=-1), "E006"),
+        ("IDEMPOTENCY_LEASE", -5, "E007"),
+        ("IDEMPOTENCY_LEASE", True, "E007"),
+        ("IDEMPOTENCY_WAIT", -1, "E008"),
+        ("IDEMPOTENCY_WAIT", None, "E008"),
+        ("IDEMPOTENCY_MODE", "optimistic", "E009"),
+        ("IDEMPOTENCY_STORES", {"default": {"OPTIONS": {}}}, "E010"),
+        ("IDEMPOTENCY_STORES", ["default"], "E010"),
+        ("IDEMPOTENCY_STORE", "elsewhere", "E011"),
+        ("IDEMPOTENCY_STORES", {"default": {"BACKEND": "no.such.Store"}}, "E012"),
+        ("IDEMPOTENCY_STORES", {"default": {"BACKEND": "django_idempotency.Nope"}}, "E012"),
+        (
+            "IDEMPOTENCY_STORES",
+            {"default": {"BACKEND": DATABASE_STORE, "OPTIONS": {"DATABASE": "nowhere"}}},
+            "E014",
+        ),
+        ("IDEMPOTENCY_REPLAYED_HEADERS", ["Content Type"], "E015"),
+        ("IDEMPOTENCY_REPLAYED_HEADERS", "Location", "E015"),
+        ("IDEMPOTENCY_REPLAYED_HEADERS", ["Location", "set-cookie"], "E016"),
+        ("IDEMPOTENCY_RELEASE_STATUSES", [500], "E017"),
+        ("IDEMPOTENCY_RELEASE_STATUSES", ["401"], "E017"),
+        ("IDEMPOTENCY_MAX_BODY_SIZE", 0, "E018"),
+        ("IDEMPOTENCY_MAX_BODY_SIZE", 1.5, "E018"),
+        ("IDEMPOTENCY_RETRY_AFTER", -1, "E019"),
+    ],
+)
+def test_each_check_fires_on_a_bad_value(setting: str, value: Any, check_id: str) -> None:
+    assert errors(**{setting: value}) == {f"django_idempotency.{check_id}"}
+
+
+def test_atomic_mode_needs_a_store_that_supports_it() -> None:
+    stores = {"default": {"BACKEND": "tests.test_checks.LeaseOnlyStore"}}
+    assert errors(IDEMPOTENCY_STORES=stores, IDEMPOTENCY_MODE="atomic") == {
+        "django_idempotency.E013"
+    }
+    assert errors(IDEMPOTENCY_STORES=stores, IDEMPOTENCY_MODE="lease") == set()
+    assert errors(IDEMPOTENCY_STORES=stores) == set()  # None: lease where atomic is not possible
+
+
+def test_good_values_pass() -> None:
+    assert (
+        errors(
+            IDEMPOTENCY_HEADER="X-Request-Key",
+            IDEMPOTENCY_METHODS=("post", "PUT", "DELETE"),
+            IDEMPOTENCY_SCOPE=lambda request: "x",
+            IDEMPOTENCY_RETENTION=timedelta(days=7),
+            IDEMPOTENCY_LEASE=2.5,
+            IDEMPOTENCY_WAIT=0,
+            IDEMPOTENCY_MODE="lease",
+            IDEMPOTENCY_REPLAYED_HEADERS=["Content-Type", "ETag"],
+            IDEMPOTENCY_RELEASE_STATUSES=[],
+            IDEMPOTENCY_MAX_BODY_SIZE=10,
+            IDEMPOTENCY_RETRY_AFTER=3,
+        )
+        == set()
+    )
+
+
+def test_messages_carry_a_hint() -> None:
+    with override_settings(IDEMPOTENCY_MODE="optimistic"):
+        (message,) = [m for m in check_settings() if m.id == "django_idempotency.E009"]
+    assert message.hint
+    assert "IDEMPOTENCY_MODE" in message.msg
+
+
+def test_sqlite_is_flagged_as_serialising_writers() -> None:
+    on_sqlite = connection.vendor == "sqlite"
+    assert ("django_idempotency.W001" in ids()) == on_sqlite
+
+
+@pytest.mark.django_db
+def test_checks_are_registered() -> None:
+    with override_settings(IDEMPOTENCY_MODE="optimistic", SILENCED_SYSTEM_CHECKS=[]):
+        found = {message.id for message in run_checks(databases=["default"])}
+    assert "django_idempotency.E009" in found
