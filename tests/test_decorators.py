@@ -519,8 +519,7 @@ def test_bad_options_are_refused_at_decoration_time(options: dict[str, Any]) -> 
         idempotent(**options)
 
 
-def test_async_views_are_refused_until_supported() -> None:
-    async def view(request: Any) -> Any:
+def view(request: Any) -> Any:
         return None
 
     with pytest.raises(ImproperlyConfigured, match="async"):
