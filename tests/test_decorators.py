@@ -519,13 +519,6 @@ def test_bad_options_are_refused_at_decoration_time(options: dict[str, Any]) -> 
         idempotent(**options)
 
 
-def view(request: Any) -> Any:
-        return None
-
-    with pytest.raises(ImproperlyConfigured, match="async"):
-        idempotent(view)
-
-
 def test_options_fall_back_to_the_settings_at_call_time(settings: Any) -> None:
     options = Options()
     settings.IDEMPOTENCY_RETENTION = timedelta(minutes=5)
