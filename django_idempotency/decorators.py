@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
-from collections.abc import Callable, Collection
+import json
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial, wraps
 from typing import Any, TypeVar, overload
 
+from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
+from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
 from django_idempotency import engine
 from django_idempotency.conf import app_settings, load_callable, to_seconds
-from django_idempotency.engine import Call, Policy, Replayed
-from django_idempotency.exceptions import IdempotencyError, KeyMissing
+from django_idempotency.engine import Call, Policy, Replayed, Snapshot
+from django_idempotency.exceptions import IdempotencyError, KeyMalformed, KeyMissing
 from django_idempotency.keys import MAX_KEY_LENGTH, parse_key
 from django_idempotency.responses import conclude, problem_response, replay_response
 
@@ -137,6 +141,9 @@ def idempotent(view: Any = None, /, **options: Any) -> Any:
 
     def decorator(view_func: ViewFunc) -> ViewFunc:
         _refuse_undecoratable(view_func)
+        if inspect.iscoroutinefunction(view_func):
+            async_view: ViewFunc = _async_view(view_func, resolved)
+            return async_view
 
         @wraps(view_func)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
@@ -148,10 +155,6 @@ def idempotent(view: Any = None, /, **options: Any) -> Any:
 
 
 def _refuse_undecoratable(view_func: Callable[..., Any]) -> None:
-    if inspect.iscoroutinefunction(view_func):
-        raise ImproperlyConfigured(
-            f"@idempotent does not support the async view {view_func.__name__} yet."
-        )
     view_class = getattr(view_func, "cls", None) or getattr(view_func, "view_class", None)
     if view_class is not None and hasattr(view_class, "finalize_response"):
         # Above @api_view it would run before DRF authenticates the request:
@@ -167,3 +170,212 @@ def _fit(scope: str) -> str:
     if len(scope) <= MAX_KEY_LENGTH:
         return scope
     return "sha256:" + hashlib.sha256(scope.encode()).hexdigest()
+
+
+# Async views ---------------------------------------------------------------
+
+AsyncView = Callable[[], Awaitable[HttpResponseBase]]
+
+
+def _async_view(view_func: Callable[..., Any], options: Options) -> Any:
+    if options.mode == engine.ATOMIC:
+        raise ImproperlyConfigured(
+            f'@idempotent(mode="atomic") cannot protect the async view {view_func.__name__}: '
+            'a transaction cannot span an await. Async views run in "lease" mode.'
+        )
+
+    @wraps(view_func)
+    async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        return await protect_async(request, options, partial(view_func, request, *args, **kwargs))
+
+    return wrapper
+
+
+async def protect_async(
+    request: HttpRequest, options: Options, view: AsyncView
+) -> HttpResponseBase:
+    """:func:`protect` for an async view, in ``lease`` mode (the default for them)."""
+    if not options.protects(request):
+        return await view()
+    try:
+        # The scope reads request.user: a session lookup, which is database work.
+        call = await sync_to_async(options.call)(request)
+        if call is None:
+            return await view()
+        outcome = await engine.run_async(call, options.policy(), view, partial(conclude, request))
+    except IdempotencyError as error:
+        return problem_response(error)
+    if isinstance(outcome, Replayed):
+        return replay_response(outcome.snapshot)
+    response: HttpResponseBase = outcome.result
+    return response
+
+
+# Idempotent functions ------------------------------------------------------
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+_RESULT_HEADERS = (("Content-Type", "application/json"),)
+
+
+@dataclass
+class Block:
+    """What the body of :func:`idempotent_block` finds and leaves.
+
+    ``replayed`` is true when the key was used before: ``result`` is then the
+    stored result, and the body must not do the work again. Otherwise the
+    body does the work and sets ``result`` (JSON-serialisable), which is
+    stored; after the block, ``result`` reads as a replay would return it.
+    """
+
+    replayed: bool
+    result: Any = None
+
+
+def idempotent_block(
+    key: str | int,
+    *,
+    scope: str,
+    payload: Any = None,
+    mode: str | None = None,
+    lease: Seconds | None = None,
+    wait: Seconds | None = None,
+    retention: Seconds | None = None,
+    store: str | None = None,
+) -> contextlib.AbstractContextManager[Block]:
+    """Run a block at most once per (scope, key); for code that is not a function.
+
+    ``payload`` is the JSON-serialisable data the key stands for: reusing the
+    key with a different payload raises ``FingerprintMismatch``. A duplicate
+    while the first block runs raises ``RequestInProgress`` (after waiting up to
+    ``wait`` seconds); an exception in the block frees the key. In ``atomic``
+    mode the block runs in the store's transaction, so its own database writes
+    and the stored result commit together::
+
+        with idempotent_block(message["id"], scope="payments", payload=message) as block:
+            if not block.replayed:
+                block.result = capture(message)
+        return block.result
+    """
+    options = Options(mode=mode, lease=lease, wait=wait, retention=retention, store=store)
+    call = Call(
+        scope=_fit(scope), key=_function_key(key), fingerprint=_payload_fingerprint(payload)
+    )
+    return _protected_block(call, options)
+
+
+def idempotent_function(
+    *,
+    key: Callable[..., str | int],
+    scope: str | Callable[..., str] | None = None,
+    fingerprint: Callable[..., Any] | None = None,
+    mode: str | None = None,
+    lease: Seconds | None = None,
+    wait: Seconds | None = None,
+    retention: Seconds | None = None,
+    store: str | None = None,
+) -> Callable[[Function], Function]:
+    """Make a function (task, queue consumer, webhook handler) run once per key.
+
+    ``key`` is called with the function's arguments and returns the key, for
+    example ``key=lambda message: message["id"]``. ``scope`` (a string, or a
+    callable like ``key``) defaults to the function's dotted name.
+    ``fingerprint``, called like ``key``, returns the JSON-serialisable data
+    that must match for a repeat to be the same call; by default all the
+    arguments. The result must be JSON-serialisable: it is stored, and a
+    repeat returns it (decoded from JSON, as the first call does) without
+    running the function. Otherwise as :func:`idempotent_block`.
+    """
+    options = Options(mode=mode, lease=lease, wait=wait, retention=retention, store=store)
+    if not callable(key):
+        raise ImproperlyConfigured(
+            "idempotent_function(key=...) must be a callable receiving the function's "
+            'arguments, for example key=lambda message: message["id"].'
+        )
+
+    def decorator(func: Function) -> Function:
+        if inspect.iscoroutinefunction(func):
+            raise ImproperlyConfigured(
+                f"idempotent_function does not support the coroutine function {func.__name__}."
+            )
+        name = f"{func.__module__}.{func.__qualname__}"
+        signature = inspect.signature(func)
+
+        def call_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+            if fingerprint is not None:
+                payload = fingerprint(*args, **kwargs)
+            else:
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                payload = bound.arguments
+            if scope is None:
+                call_scope = f"function:{name}"
+            else:
+                call_scope = scope(*args, **kwargs) if callable(scope) else scope
+            return Call(
+                scope=_fit(str(call_scope)),
+                key=_function_key(key(*args, **kwargs)),
+                fingerprint=_payload_fingerprint(payload),
+                path=name,
+            )
+
+        @wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with _protected_block(call_of(args, kwargs), options) as block:
+                if not block.replayed:
+                    block.result = func(*args, **kwargs)
+            return block.result
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorator
+
+
+@contextlib.contextmanager
+def _protected_block(call: Call, options: Options) -> Iterator[Block]:
+    with engine.protected(call, options.policy()) as guard:
+        if guard.replay is not None:
+            yield Block(replayed=True, result=json.loads(guard.replay.body))
+            return
+        block = Block(replayed=False)
+        yield block
+        # Raising here (a result that is not JSON) frees the key like any error.
+        body = _result_body(block.result)
+        guard.conclusion = Snapshot(status=200, headers=_RESULT_HEADERS, body=body)
+        block.result = json.loads(body)
+
+
+def _function_key(key: str | int) -> str:
+    # An int is a common message id; anything else (None above all) would
+    # silently make unrelated calls share one key.
+    if isinstance(key, int) and not isinstance(key, bool):
+        key = str(key)
+    if not isinstance(key, str) or not key:
+        raise KeyMalformed(f"An idempotency key must be a non-empty string, not {key!r}.")
+    return _fit(key)
+
+
+def _payload_fingerprint(payload: Any) -> str:
+    """SHA-256 of the payload as canonical JSON (sorted keys, no white space)."""
+    try:
+        canonical = json.dumps(
+            payload,
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            cls=DjangoJSONEncoder,
+        )
+    except TypeError as exc:
+        raise TypeError(
+            f"Cannot fingerprint the arguments as JSON ({exc}); pass fingerprint= "
+            "(or payload=) returning the JSON-serialisable data that identifies the call."
+        ) from exc
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _result_body(result: Any) -> bytes:
+    try:
+        return json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode()
+    except TypeError as exc:
+        raise TypeError(
+            f"The result of an idempotent function must be JSON-serialisable: {exc}"
+        ) from exc
