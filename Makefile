@@ -1,0 +1,59 @@
+# Developer and CI entry points. Everything is installed into .venv from
+# pyproject.toml: the package with its extras and the dependency groups.
+
+VENV := .venv
+BIN := $(VENV)/bin
+
+# The first interpreter >= 3.12 (Django 6 needs it). pyenv's shims answer only
+# for the selected version, so its installed versions are tried as well.
+PYTHON ?= $(shell for p in python3.12 python3.13 python3 $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3; do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { command -v "$$p"; break; }; \
+	done)
+
+# Databases of `make test-all`; Django creates and drops test_<name> in them.
+POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/idempotency
+MARIADB_URL ?= mysql://root@127.0.0.1:3306/idempotency
+PYTEST_ARGS ?=
+
+# mysqlclient needs libmariadb-dev and pkg-config: installed only when needed.
+DRIVERS := $(if $(filter mysql%,$(DATABASE_URL)),$(VENV)/.installed-mysql)
+
+.PHONY: help install demo test test-all lint
+
+help:
+	@echo "make demo      run the example shop on http://127.0.0.1:8000 (SQLite)"
+	@echo "make test      run the tests (SQLite, or DATABASE_URL / REDIS_URL if set)"
+	@echo "make test-all  run the tests on SQLite, PostgreSQL and MariaDB"
+	@echo "make lint      ruff and mypy"
+
+$(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "No Python >= 3.12 found: make PYTHON=/path/to/python3.12" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"  # for --group
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[drf,redis]" --group test
+	@touch $@
+
+$(VENV)/.installed-%: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --group $*
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python manage.py migrate --no-input
+	$(BIN)/python manage.py seed_demo
+	$(BIN)/python manage.py runserver 127.0.0.1:8000
+
+test: install $(DRIVERS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	env -u DATABASE_URL $(MAKE) test
+	DATABASE_URL=$(POSTGRES_URL) $(MAKE) test
+	DATABASE_URL=$(MARIADB_URL) $(MAKE) test
+
+lint: $(VENV)/.installed-lint
+	$(BIN)/ruff check .
+	$(BIN)/mypy
