@@ -1,0 +1,304 @@
+"""``@idempotent`` on ``async def`` views, under Django's ``AsyncClient``.
+
+Async views run in lease mode, on the database and the Redis store. The views
+live in this module (``pytest.mark.urls``); each test drives its requests from
+one event loop, so overlapping requests are made with ``asyncio`` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.response import HttpResponseBase
+from django.test import AsyncClient
+from django.urls import path
+from django.utils.decorators import method_decorator
+from django.views import View
+
+from django_idempotency.decorators import idempotent
+from django_idempotency.models import IdempotencyKey
+from tests.factories import UserFactory
+from tests.lease_stores import (
+    DATABASE,
+    STORES,
+    lease_store_fixture,  # noqa: F401
+    redis_records_fixture,  # noqa: F401
+    stored,
+)
+from tests.testapp.models import Order
+
+pytestmark = [pytest.mark.urls("tests.test_async"), pytest.mark.django_db]
+
+#: Set by a test: awaited inside the view, after its write.
+inside: dict[str, Callable[[], Awaitable[None]]] = {}
+
+
+async def create_order(request: HttpRequest) -> HttpResponse:
+    data = json.loads(request.body or b"{}")
+    order = await Order.objects.acreate(item=str(data.get("item", "thing")))
+    hook = inside.get("hook")
+    if hook is not None:
+        await hook()
+    if data.get("raise"):
+        raise RuntimeError("the async view failed after its write")
+    response = JsonResponse({"id": order.pk}, status=int(data.get("status", 201)))
+    response["Location"] = f"/orders/{order.pk}/"
+    return response
+
+
+plain = idempotent(create_order)
+waiting = idempotent(wait=10)(create_order)
+
+
+@method_decorator(idempotent, name="post")
+class AsyncOrders(View):
+    async def post(self, request: HttpRequest) -> HttpResponse:
+        return await create_order(request)
+
+
+urlpatterns = [
+    path("async/", plain),
+    path("async/waiting/", waiting),
+    path("async/cbv/", AsyncOrders.as_view()),
+]
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    return async_to_sync(scenario)()
+
+
+async def post(
+    data: dict[str, Any] | None = None,
+    *,
+    key: str | None = "async-key",
+    path: str = "/async/",
+    client: AsyncClient | None = None,
+) -> HttpResponseBase:
+    client = client or AsyncClient(raise_request_exception=False)
+    headers = {} if key is None else {"Idempotency-Key": key}
+    response: HttpResponseBase = await client.post(
+        path,
+        json.dumps({"item": "widget"} if data is None else data),
+        content_type="application/json",
+        headers=headers,
+    )
+    return response
+
+
+@pytest.fixture(autouse=True)
+def no_hook() -> Any:
+    yield
+    inside.clear()
+
+
+def orders() -> int:
+    return Order.objects.count()
+
+
+# The contract ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["/async/", "/async/cbv/"])
+def test_a_new_key_runs_once_and_is_replayed(lease_store: str, url: str) -> None:
+    async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:
+        return await post(path=url), await post(path=url)
+
+    first, replay = run(scenario)
+
+    assert first.status_code == replay.status_code == 201
+    assert replay.content == first.content
+    assert replay["Location"] == first["Location"]
+    assert replay["Idempotent-Replayed"] == "true"
+    assert orders() == 1
+
+
+def test_a_key_reused_for_another_body_is_422(lease_store: str) -> None:
+    async def scenario() -> HttpResponseBase:
+        await post()
+        return await post({"item": "gadget"})
+
+    assert run(scenario).status_code == 422
+    assert orders() == 1
+
+
+def test_a_missing_key_is_400(lease_store: str) -> None:
+    async def scenario() -> HttpResponseBase:
+        return await post(key=None)
+
+    assert run(scenario).status_code == 400
+    assert orders() == 0
+
+
+def test_a_safe_method_is_untouched(lease_store: str) -> None:
+    async def scenario() -> HttpResponseBase:
+        response: HttpResponseBase = await AsyncClient().get("/async/")
+        return response
+
+    response = run(scenario)
+
+    assert response.status_code == 201
+    assert not response.has_header("Idempotent-Replayed")
+
+
+@pytest.mark.parametrize("data", [{"raise": True}, {"status": 503}], ids=["raises", "503"])
+def test_a_failure_frees_the_key(lease_store: str, data: dict[str, Any]) -> None:
+    async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:
+        return await post(data), await post(data)
+
+    first, retry = run(scenario)
+
+    expected = 500 if "raise" in data else 503
+    assert first.status_code == retry.status_code == expected
+    assert orders() == 2
+    assert stored(lease_store, "anonymous", "async-key") is None
+
+
+# Overlapping requests ------------------------------------------------------------
+
+
+def test_a_duplicate_while_the_first_awaits_gets_409(lease_store: str) -> None:
+    async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:
+        entered, resume = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> None:
+            entered.set()
+            await resume.wait()
+
+        inside["hook"] = hold
+        first = asyncio.ensure_future(post())
+        await entered.wait()
+        inside.clear()
+        duplicate = await post()
+        resume.set()
+        return await first, duplicate
+
+    first, duplicate = run(scenario)
+
+    assert first.status_code == 201
+    assert duplicate.status_code == 409
+    assert int(duplicate["Retry-After"]) >= 1
+    assert duplicate["Content-Type"] == "application/problem+json"
+    assert orders() == 1
+
+
+def test_a_waiting_duplicate_replays_once_the_first_completes(lease_store: str) -> None:
+    async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:
+        entered, resume = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> None:
+            entered.set()
+            await resume.wait()
+
+        inside["hook"] = hold
+        first = asyncio.ensure_future(post(path="/async/waiting/"))
+        await entered.wait()
+        inside.clear()
+        duplicate = asyncio.ensure_future(post(path="/async/waiting/"))
+        # The duplicate polls with asyncio.sleep: the loop stays free, so the
+        # first request can finish while the duplicate waits.
+        await asyncio.sleep(0.2)
+        assert not duplicate.done()
+        resume.set()
+        return await first, await duplicate
+
+    first, replay = run(scenario)
+
+    assert first.status_code == replay.status_code == 201
+    assert replay["Idempotent-Replayed"] == "true"
+    assert replay.content == first.content
+    assert orders() == 1
+
+
+# Mode, scope ------------------------------------------------------------------
+
+
+def test_async_views_use_lease_mode_by_default_even_on_the_database_store(settings: Any) -> None:
+    settings.IDEMPOTENCY_STORES = STORES
+    settings.IDEMPOTENCY_STORE = DATABASE
+    settings.IDEMPOTENCY_MODE = None
+    seen: list[Any] = []
+
+    async def look() -> None:
+        row = await IdempotencyKey.objects.aget(key="async-key")
+        seen.append((row.state, row.locked_until is not None))
+
+    inside["hook"] = look
+
+    async def scenario() -> HttpResponseBase:
+        return await post()
+
+    assert run(scenario).status_code == 201
+    assert seen == [(IdempotencyKey.State.IN_PROGRESS, True)]  # a lease, not a row lock
+
+
+def test_mode_atomic_on_an_async_view_is_refused_when_decorating() -> None:
+    with pytest.raises(ImproperlyConfigured, match="cannot protect the async view create_order"):
+        idempotent(mode="atomic")(create_order)
+
+
+def test_the_atomic_setting_on_an_async_view_is_refused_clearly(settings: Any) -> None:
+    settings.IDEMPOTENCY_MODE = "atomic"
+
+    async def scenario() -> HttpResponseBase:
+        response: HttpResponseBase = await AsyncClient().post(
+            "/async/", b"{}", content_type="application/json", headers={"Idempotency-Key": "k"}
+        )
+        return response
+
+    with pytest.raises(ImproperlyConfigured, match='Async code runs in "lease" mode'):
+        run(scenario)
+    assert orders() == 0
+
+
+def test_the_scope_is_the_session_user_without_synchronous_only_errors(lease_store: str) -> None:
+    user: AbstractBaseUser = UserFactory()
+
+    async def scenario() -> HttpResponseBase:
+        client = AsyncClient(raise_request_exception=True)
+        await client.aforce_login(user)
+        return await post(client=client)
+
+    assert run(scenario).status_code == 201
+    assert stored(lease_store, f"user:{user.pk}", "async-key") is not None
+
+
+def test_an_unreachable_redis_answers_503(settings: Any) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings.CACHES = {
+        **settings.CACHES,
+        "down": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{port}/0",
+        },
+    }
+    settings.IDEMPOTENCY_STORES = {
+        "default": STORES[DATABASE],
+        "down": {
+            "BACKEND": "django_idempotency.stores.cache.CacheStore",
+            "OPTIONS": {"CACHE": "down"},
+        },
+    }
+    settings.IDEMPOTENCY_STORE = "down"
+
+    async def scenario() -> HttpResponseBase:
+        return await post()
+
+    assert run(scenario).status_code == 503
+    assert orders() == 0
+
+
+def test_the_async_wrapper_is_still_a_coroutine_function() -> None:
+    assert inspect.iscoroutinefunction(plain)
+    assert not inspect.iscoroutinefunction(idempotent(lambda request: HttpResponse()))
