@@ -270,3 +270,25 @@ def test_problem_responses_from_drf_views_are_problem_json(user_client: Client) 
     body = problem(response)
     assert body["type"] == "urn:django-idempotency:problem:key-missing"
     assert body["status"] == 400
+
+
+def test_static_and_dotted_path_attributes(user_client: Client) -> None:
+    static = Endpoint("static", "POST", "/variants/api/static/", drf=True)
+    send(user_client, static, {"item": "widget", "note": "a"}, headers={"X-Tenant": "acme"})
+    replay = send(
+        user_client, static, {"item": "widget", "note": "b"}, headers={"X-Tenant": "acme"}
+    )
+
+    assert replay["Idempotent-Replayed"] == "true"
+    assert IdempotencyKey.objects.get().scope == "tenant:acme"
+
+
+def test_a_raised_api_exception_keeps_nothing_and_rolls_back(user_client: Client) -> None:
+    # "View raised": DRF answers 400 for it, but the key is free and the write undone.
+    first = send(user_client, GUARDED, {"invalid": True})
+    retry = send(user_client, GUARDED, {"invalid": True})
+
+    assert first.status_code == retry.status_code == 400
+    assert "Idempotent-Replayed" not in retry
+    assert not IdempotencyKey.objects.exists()
+    assert Order.objects.count() == 0

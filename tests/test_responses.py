@@ -144,3 +144,15 @@ def test_drf_response_is_rendered_with_the_negotiated_renderer(user_client: Clie
     assert first["Content-Type"] == replay["Content-Type"] == "application/json"
     assert json.loads(replay.content) == json.loads(first.content)
     assert bytes(IdempotencyKey.objects.get().response_body) == first.content
+
+
+@pytest.mark.django_db
+@pytest.mark.urls("tests.testapp.urls")
+def test_lazy_template_response_is_rendered_for_the_snapshot(client: Client) -> None:
+    template = Endpoint("template", "POST", "/variants/template/", drf=False)
+    first = send(client, template)
+    replay = send(client, template)
+
+    order = Order.objects.get()
+    assert first.content == replay.content == f"order {order.pk}".encode()
+    assert replay["Idempotent-Replayed"] == "true"

@@ -13,6 +13,7 @@ router.register("guarded", variants.GuardedViewSet, basename="guarded")
 router.register("selective", variants.SelectiveViewSet, basename="selective")
 router.register("attributes", variants.ClassAttributeViewSet, basename="attributes")
 router.register("hooks", variants.HookViewSet, basename="hooks")
+router.register("static", variants.StaticAttributeViewSet, basename="static")
 
 urlpatterns = [
     *base.urlpatterns,
@@ -22,6 +23,7 @@ urlpatterns = [
     path("variants/lease/", variants.lease_view),
     path("variants/put-delete/", variants.put_delete_view),
     path("variants/nested-atomic/", variants.nested_atomic_view),
+    path("variants/template/", variants.template_view),
     path("variants/api/anonymous/", variants.anonymous_api_view),
     path("variants/api/", include(router.urls)),
 ]

@@ -6,8 +6,11 @@ import hashlib
 
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse
+from django.template import engines
+from django.template.response import SimpleTemplateResponse
 from rest_framework import viewsets
 from rest_framework.decorators import api_view, permission_classes
+from rest_framework.exceptions import ValidationError
 from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -64,6 +67,14 @@ class InnerFailure(Exception):
 
 
 @idempotent
+def template_view(request: HttpRequest) -> SimpleTemplateResponse:
+    """A lazy response: rendered by the snapshot, inside the transaction."""
+    order = Order.objects.create(item="templated")
+    template = engines["django"].from_string("order {{ pk }}")
+    return SimpleTemplateResponse(template, {"pk": order.pk}, status=201)
+
+
+@idempotent
 def nested_atomic_view(request: HttpRequest) -> HttpResponse:
     """Writes in a kept savepoint, and in one it rolls back itself."""
     with transaction.atomic():
@@ -103,6 +114,9 @@ class GuardedViewSet(IdempotencyMixin, viewsets.ViewSet):
 
     def create(self, request: Request) -> Response:
         status, payload = behave(request.data, request.user)
+        if request.data.get("invalid"):
+            # Raised, not returned: DRF turns it into a 400 after we have let go.
+            raise ValidationError({"item": ["This item is not sold here."]})
         return Response(payload, status=status)
 
 
@@ -118,6 +132,12 @@ class ClassAttributeViewSet(OrderViewSet):
     idempotency_fingerprint = item_fingerprint
     idempotency_retention = 60
     idempotency_required = False
+
+
+class StaticAttributeViewSet(OrderViewSet):
+    # A staticmethod and a dotted path work as well as a plain function.
+    idempotency_scope = staticmethod(tenant_scope)
+    idempotency_fingerprint = "tests.testapp.variants.item_fingerprint"
 
 
 class HookViewSet(OrderViewSet):
