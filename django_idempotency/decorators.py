@@ -28,6 +28,7 @@ from django_idempotency.responses import conclude, problem_response, replay_resp
 ViewFunc = TypeVar("ViewFunc", bound=Callable[..., HttpResponseBase])
 Seconds = float | timedelta
 RequestFunction = Callable[[HttpRequest], str]
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ class Options:
 
     def protects(self, request: HttpRequest) -> bool:
         methods = app_settings.METHODS if self.methods is None else self.methods
-        return (request.method or "").upper() in {m.upper() for m in methods}
+        method = (request.method or "").upper()
+        # Safe methods are untouched whatever a view lists (DESIGN.md section 2).
+        return method not in _SAFE_METHODS and method in {m.upper() for m in methods}
 
     def call(self, request: HttpRequest) -> Call | None:
         """The engine's call for ``request``; ``None`` for an optional key left out."""

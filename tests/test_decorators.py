@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import time_machine
 from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpResponse
 from django.test import Client
 from django.utils import timezone
 
@@ -527,3 +528,18 @@ def test_options_fall_back_to_the_settings_at_call_time(settings: Any) -> None:
     policy = options.policy()
     assert (policy.retention, policy.mode, policy.wait) == (300.0, "lease", 2.0)
     assert Options(retention=timedelta(minutes=1), mode="atomic").policy().retention == 60.0
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
+def test_safe_methods_stay_untouched_even_when_listed(method: str, rf: Any) -> None:
+    # Section 2: safe methods are untouched, whatever a view's methods say.
+    ran: list[str] = []
+
+    @idempotent(methods=["POST", method])
+    def view(request: Any) -> Any:
+        ran.append(request.method)
+        return HttpResponse()
+
+    response = view(rf.generic(method, "/"))
+    assert response.status_code == 200
+    assert ran == [method]
