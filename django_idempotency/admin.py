@@ -22,8 +22,8 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 from django.utils.text import Truncator
+from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext
 
 from django_idempotency import purge
 from django_idempotency.models import IdempotencyKey
@@ -39,7 +39,7 @@ _HEX_ROW = 16
 _HEAVY_FIELDS = ("response_body", "response_headers", "fingerprint", "token")
 
 
-class EstimatedCountPaginator(Paginator):
+class EstimatedCountPaginator(Paginator):  # type: ignore[type-arg]
     """Counts up to ``exact_count_limit`` rows exactly; beyond, PostgreSQL estimates.
 
     ``COUNT(*)`` reads the whole table on PostgreSQL; on a table of millions of
@@ -51,7 +51,7 @@ class EstimatedCountPaginator(Paginator):
 
     @cached_property
     def count(self) -> int:
-        queryset = self.object_list.order_by()
+        queryset: QuerySet[Any] = self.object_list.order_by()  # type: ignore[attr-defined]
         bounded: int = queryset[: self.exact_count_limit + 1].count()
         if bounded <= self.exact_count_limit:
             return bounded
@@ -251,24 +251,24 @@ def render_body(body: bytes) -> SafeString:
         text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
         kind = "JSON"
     except ValueError:
-        kind = _("text")
+        kind = gettext("text")
         if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
             return _render_binary(body)
     size = ngettext("%(kind)s, %(size)d byte", "%(kind)s, %(size)d bytes", len(body)) % {
         "kind": kind,
         "size": len(body),
     }
-    return format_html(
-        '<p>{}</p><pre class="idempotency-body">{}</pre>', size, _truncate(text)
-    )
+    return format_html('<p>{}</p><pre class="idempotency-body">{}</pre>', size, _truncate(text))
 
 
 def _truncate(text: str) -> str:
     if len(text) <= BODY_PREVIEW_CHARACTERS:
         return text
     cut = len(text) - BODY_PREVIEW_CHARACTERS
-    return text[:BODY_PREVIEW_CHARACTERS] + "\n… " + str(
-        _("(%(count)d more characters not shown)") % {"count": cut}
+    return (
+        text[:BODY_PREVIEW_CHARACTERS]
+        + "\n… "
+        + str(_("(%(count)d more characters not shown)") % {"count": cut})
     )
 
 

@@ -1,0 +1,123 @@
+"""``manage.py purge_idempotency_keys``: delete expired keys, safely, while traffic flows."""
+
+from __future__ import annotations
+
+from argparse import ArgumentParser, ArgumentTypeError
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections, router
+from django.db.models import Q
+from django.utils import timezone
+
+from django_idempotency import purge
+from django_idempotency.durations import parse_duration
+from django_idempotency.models import IdempotencyKey
+
+
+def _duration(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ArgumentTypeError(str(exc)) from None
+
+
+def _batch_size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ArgumentTypeError(f"{text!r} is not a positive whole number.")
+    return size
+
+
+class Command(BaseCommand):
+    help = (
+        "Delete idempotency keys whose retention has ended, in short batches, so "
+        "it is safe to run from cron while requests come in. Live keys are never deleted."
+    )
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument(
+            "--older-than",
+            type=_duration,
+            default=timedelta(0),
+            metavar="DURATION",
+            help="Only keys that expired more than this long ago, e.g. 30m, 12h, 7d, 2w "
+            "(default: every expired key).",
+        )
+        parser.add_argument(
+            "--include-stale",
+            action="store_true",
+            help="Also delete in-progress claims whose lease ended more than --older-than "
+            f"ago (default: {_describe(purge.DEFAULT_STALE_GRACE)}): their worker died.",
+        )
+        parser.add_argument(
+            "--batch-size",
+            type=_batch_size,
+            default=purge.DEFAULT_BATCH_SIZE,
+            help="Rows deleted per transaction (default: %(default)s).",
+        )
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="Count what would be deleted, delete nothing.",
+        )
+        parser.add_argument(
+            "--database",
+            help="Database alias (default: where the router writes idempotency keys).",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        database = options["database"] or router.db_for_write(IdempotencyKey)
+        if database not in connections.settings:
+            known = ", ".join(sorted(connections.settings))
+            raise CommandError(f"Unknown database {database!r}; configured: {known}.")
+        # Commands called in code bypass the parser's type checks.
+        batch_size = _checked(_batch_size, options["batch_size"])
+        older_than = options["older_than"]
+        if isinstance(older_than, str):
+            older_than = _checked(_duration, older_than)
+
+        now = timezone.now()
+        targets = [("expired keys", purge.expired(now, older_than))]
+        if options["include_stale"]:
+            grace = older_than or purge.DEFAULT_STALE_GRACE
+            targets.append(("stale in-progress claims", purge.stale(now, grace)))
+
+        for label, condition in targets:
+            if options["dry_run"]:
+                self._count(database, label, condition, now)
+            else:
+                self._delete(database, label, condition, batch_size, options["verbosity"])
+
+    def _count(self, database: str, label: str, condition: Q, now: datetime) -> None:
+        count = IdempotencyKey.objects.using(database).filter(condition).count()
+        self.stdout.write(f"Would delete {count} {label} (dry run, as of {now.isoformat()}).")
+
+    def _delete(
+        self, database: str, label: str, condition: Q, batch_size: int, verbosity: int
+    ) -> None:
+        queryset = IdempotencyKey.objects.using(database).filter(condition)
+        total = batches = 0
+        for deleted in purge.delete_in_batches(queryset, batch_size):
+            total += deleted
+            batches += 1
+            if verbosity >= 2:
+                self.stdout.write(f"  batch {batches}: deleted {deleted} {label}")
+        if verbosity >= 1:
+            self.stdout.write(f"Deleted {total} {label} in {batches} batch(es).")
+
+
+def _checked(parse: Any, value: Any) -> Any:
+    try:
+        return parse(str(value))
+    except ArgumentTypeError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _describe(duration: timedelta) -> str:
+    hours, seconds = divmod(int(duration.total_seconds()), 3600)
+    return f"{hours}h" if not seconds else f"{int(duration.total_seconds())}s"
