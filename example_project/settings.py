@@ -78,7 +78,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
 TIME_ZONE = "UTC"
 STATIC_URL = "static/"
-LOGIN_URL = "admin:login"
+LOGIN_URL = "rest_framework:login"
 LOGIN_REDIRECT_URL = "index"
 
 REST_FRAMEWORK = {
