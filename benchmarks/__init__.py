@@ -1,0 +1,1 @@
+"""A benchmark of django-idempotency: run ``python benchmarks/run.py --help``."""

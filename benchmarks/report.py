@@ -1,0 +1,254 @@
+"""The results of a run as Markdown, with the targets they meet or miss."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib.metadata import version
+
+from django.db import connection
+
+from benchmarks.clients import Sample
+from benchmarks.phases import PLAIN, Results
+from benchmarks.server import ROOT
+
+MAX_ADDED_STATEMENTS = 2
+MAX_FIRST_EXECUTION_RATIO = 1.15
+MAX_SCALE_RATIO = 1.1
+
+
+def machine() -> list[str]:
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    return [
+        f"- CPU: {os.cpu_count()} cores (`nproc`: {len(os.sched_getaffinity(0))}), {_cpu_model()}",
+        f"- OS: {platform.system()} {platform.release()}; load average at the end: {load}",
+        f"- Python {platform.python_version()}, Django {version('django')}, "
+        f"gunicorn {version('gunicorn')}, {_driver()}",
+        f"- Database: {_database_version()}",
+        f"- Code measured: {_revision()}",
+    ]
+
+
+def render(results: Results, *, title: str, workers: int, quick: bool) -> str:
+    lines = [f"### {title}", ""]
+    lines += machine()
+    lines += [
+        f"- gunicorn: {workers} sync workers; client: Python threads, one connection per request",
+        f"- Budget: {'--quick (smoke run, figures not meaningful)' if quick else 'full'}",
+        "",
+    ]
+    lines += _statements(results)
+    lines += _latency("In-process (`django.test.Client`), concurrency 1", results.in_process)
+    for concurrency, samples in sorted(results.http.items()):
+        lines += _latency(f"Loopback HTTP to gunicorn, concurrency {concurrency}", samples)
+    lines += _scaling(results)
+    lines += _purge(results)
+    lines += _targets(results)
+    return "\n".join(lines) + "\n"
+
+
+def _statements(results: Results) -> list[str]:
+    plain = results.statements[PLAIN.label]
+    lines = [
+        "#### SQL statements per request",
+        "",
+        "| request | all | transaction control | SET / PRAGMA | data | "
+        "beyond transaction control | added to the plain view |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for label, statements in results.statements.items():
+        kinds = statements.kinds
+        added = statements.beyond_transaction_control - plain.beyond_transaction_control
+        lines.append(
+            f"| {label} | {len(statements.sql)} | {kinds['transaction']} | {kinds['setting']} "
+            f"| {kinds['data']} | {statements.beyond_transaction_control} | {added:+d} |"
+        )
+    lines += ["", "<details><summary>The statements</summary>", ""]
+    for label, statements in results.statements.items():
+        lines += [f"{label}:", "", "```sql", *statements.outline(), "```", ""]
+    lines += ["</details>", ""]
+    return lines
+
+
+def _latency(title: str, samples: dict[str, Sample]) -> list[str]:
+    plain = samples[PLAIN.label]
+    lines = [
+        f"#### {title}",
+        "",
+        "| request | requests | median ms | p99 ms | req/s | median / plain | p99 / plain "
+        "| unexpected answers |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for label, sample in samples.items():
+        lines.append(_latency_row(label, sample, plain))
+    return [*lines, ""]
+
+
+def _latency_row(label: str, sample: Sample, plain: Sample) -> str:
+    unexpected = "0"
+    if sample.unexpected:
+        statuses = ", ".join(f"{status}: {n}" for status, n in sorted(sample.statuses.items()))
+        unexpected = f"{sample.unexpected} ({statuses})"
+    return (
+        f"| {label} | {len(sample.latencies)} | {sample.median * 1000:.2f} "
+        f"| {sample.p99 * 1000:.2f} | {sample.throughput:.0f} "
+        f"| {sample.median / plain.median:.2f} | {sample.p99 / plain.p99:.2f} | {unexpected} |"
+    )
+
+
+def _scaling(results: Results) -> list[str]:
+    small, large = sorted(results.scaling)
+    lines = [
+        "#### Stored keys (in-process, concurrency 1)",
+        "",
+        "The plain view does not touch the key table: its ratio shows how much the",
+        "machine drifted between the two measurements; the last column divides it out.",
+        "",
+        f"| request | median ms, {small:,} keys | median ms, {large:,} keys | ratio "
+        f"| p99 ms, {small:,} | p99 ms, {large:,} | ratio | median ratio, drift corrected |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for label, few in results.scaling[small].items():
+        many = results.scaling[large][label]
+        lines.append(
+            f"| {label} | {few.median * 1000:.2f} | {many.median * 1000:.2f} "
+            f"| {many.median / few.median:.2f} | {few.p99 * 1000:.2f} | {many.p99 * 1000:.2f} "
+            f"| {many.p99 / few.p99:.2f} | {_scale_ratio(results, label):.2f} |"
+        )
+    return [*lines, ""]
+
+
+def _scale_ratio(results: Results, label: str, *, corrected: bool = True) -> float:
+    """Median with many keys over median with few, divided by the plain view's drift."""
+    small, large = sorted(results.scaling)
+    ratio = results.scaling[large][label].median / results.scaling[small][label].median
+    if not corrected:
+        return ratio
+    drift = results.scaling[large][PLAIN.label].median / results.scaling[small][PLAIN.label].median
+    return ratio / drift
+
+
+def _purge(results: Results) -> list[str]:
+    purge = results.purge
+    if purge is None:
+        return []
+    before, after = results.live_keys
+    return [
+        "#### Purge of expired keys",
+        "",
+        f"- Method: {purge.method}",
+        f"- Deleted {purge.deleted:,} expired keys in {purge.seconds:.1f} s: "
+        f"**{purge.rows_per_second:,.0f} rows/s**, {purge.statements} statements",
+        f"- Longest single statement: **{purge.longest_seconds * 1000:.0f} ms**: "
+        f"`{' '.join(purge.longest_sql.split())[:120]}`",
+        f"- Longest batch transaction (first statement to commit): "
+        f"**{purge.longest_transaction * 1000:.0f} ms**",
+        f"- Live keys beside them: {before:,} before, {after:,} after",
+        "",
+    ]
+
+
+def _targets(results: Results) -> list[str]:
+    lines = ["#### Targets", ""]
+    lines += _statement_targets(results)
+    lines += _latency_targets("in-process, concurrency 1", results.in_process)
+    for concurrency, samples in sorted(results.http.items()):
+        lines += _latency_targets(f"HTTP, concurrency {concurrency}", samples)
+    lines += _scale_targets(results)
+    return [*lines, ""]
+
+
+def _statement_targets(results: Results) -> list[str]:
+    plain = results.statements[PLAIN.label].beyond_transaction_control
+    lines = []
+    for label, statements in results.statements.items():
+        if "(database)" not in label:
+            continue
+        count = statements.beyond_transaction_control
+        if label.endswith("first execution"):
+            added = count - plain
+            text = f"adds {added} statements beyond transaction control"
+        else:
+            added = count
+            text = f"runs {count} statements beyond transaction control"
+        lines.append(
+            _target(
+                f"{label} {text} (at most {MAX_ADDED_STATEMENTS})", added <= MAX_ADDED_STATEMENTS
+            )
+        )
+    return lines
+
+
+def _latency_targets(where: str, samples: dict[str, Sample]) -> list[str]:
+    plain = samples[PLAIN.label].median
+    lines = []
+    for label, sample in samples.items():
+        ratio = sample.median / plain
+        if label.endswith("first execution") and label.startswith("atomic"):
+            limit = MAX_FIRST_EXECUTION_RATIO
+            text = f"{where}: {label}, median {ratio:.2f}x the plain view's (at most {limit})"
+            lines.append(_target(text, ratio <= limit))
+        elif label.endswith("replay"):
+            text = f"{where}: {label}, median {ratio:.2f}x the plain view's (below 1)"
+            lines.append(_target(text, ratio < 1))
+    return lines
+
+
+def _scale_targets(results: Results) -> list[str]:
+    small, large = sorted(results.scaling)
+    lines = []
+    for label in results.scaling[small]:
+        if label == PLAIN.label:
+            continue
+        raw = _scale_ratio(results, label, corrected=False)
+        ratio = _scale_ratio(results, label)
+        text = (
+            f"{label}: median with {large:,} keys {ratio:.2f}x that with {small:,}, "
+            f"drift corrected ({raw:.2f}x raw; at most {MAX_SCALE_RATIO})"
+        )
+        lines.append(_target(text, ratio <= MAX_SCALE_RATIO))
+    return lines
+
+
+def _target(text: str, met: bool) -> str:
+    return f"- {'met' if met else '**missed**'}: {text}"
+
+
+def _revision() -> str:
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(ROOT), *args]
+        return subprocess.run(command, capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = git("status", "--porcelain", "--", "django_idempotency")
+    return f"commit {commit}" + (" with uncommitted changes to the package" if changed else "")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _driver() -> str:
+    if connection.vendor == "postgresql":
+        return f"psycopg {version('psycopg')}"
+    if connection.vendor == "sqlite":
+        return f"sqlite3 module, SQLite {sys.modules['sqlite3'].sqlite_version}"
+    return connection.vendor
+
+
+def _database_version() -> str:
+    with connection.cursor() as cursor:
+        if connection.vendor == "sqlite":
+            cursor.execute("SELECT 'SQLite ' || sqlite_version()")
+        else:
+            cursor.execute("SELECT version()")
+        return str(cursor.fetchone()[0])

@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from benchmarks import views
+
+urlpatterns = [
+    path("plain/", views.plain),
+    path("plain-in-transaction/", views.plain_in_transaction),
+    path("atomic/", views.atomic),
+    path("lease/", views.lease),
+    path("lease-redis/", views.lease_redis),
+]
