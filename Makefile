@@ -41,7 +41,7 @@ $(VENV)/.installed-%: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-demo: install
+demo: install $(DRIVERS)
 	$(BIN)/python manage.py migrate --no-input
 	$(BIN)/python manage.py seed_demo
 	$(BIN)/python manage.py runserver 127.0.0.1:8000

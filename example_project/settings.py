@@ -2,7 +2,8 @@
 
 SQLite in this directory by default; ``DATABASE_URL`` (for example
 ``postgres://postgres@127.0.0.1:5432/shop`` or ``mysql://root@127.0.0.1:3306/shop``)
-points it elsewhere. ``REDIS_URL`` adds a django-redis cache named ``redis``.
+points it elsewhere. ``REDIS_URL`` adds a django-redis cache and an idempotency
+store, both named ``redis``.
 Not for production: the secret key and the demo users are public.
 """
 
@@ -68,10 +69,18 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.mysql":
 CACHES: dict[str, dict[str, Any]] = {
     "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
 }
+IDEMPOTENCY_STORES: dict[str, dict[str, Any]] = {
+    "default": {"BACKEND": "django_idempotency.stores.database.DatabaseStore"},
+}
 if os.environ.get("REDIS_URL"):
     CACHES["redis"] = {
         "BACKEND": "django_redis.cache.RedisCache",
         "LOCATION": os.environ["REDIS_URL"],
+    }
+    # For views given store="redis" (lease mode only).
+    IDEMPOTENCY_STORES["redis"] = {
+        "BACKEND": "django_idempotency.stores.cache.CacheStore",
+        "OPTIONS": {"CACHE": "redis"},
     }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -353,6 +353,7 @@ def test_settings_default_to_sqlite_in_the_project(example_settings: ModuleType)
     assert database["ENGINE"] == "django.db.backends.sqlite3"
     assert Path(database["NAME"]) == ROOT / "example_project" / "db.sqlite3"
     assert "redis" not in settings.CACHES
+    assert "redis" not in settings.IDEMPOTENCY_STORES
 
 
 @pytest.mark.parametrize(
@@ -374,15 +375,16 @@ def test_settings_follow_database_url(
         assert database["OPTIONS"]["charset"] == "utf8mb4"
 
 
-def test_settings_add_a_redis_cache_for_redis_url(
+def test_settings_add_a_redis_cache_and_store_for_redis_url(
     example_settings: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/3")
 
-    caches = importlib.reload(example_settings).CACHES
+    settings = importlib.reload(example_settings)
 
-    assert caches["redis"]["BACKEND"] == "django_redis.cache.RedisCache"
-    assert caches["redis"]["LOCATION"] == "redis://127.0.0.1:6379/3"
+    assert settings.CACHES["redis"]["BACKEND"] == "django_redis.cache.RedisCache"
+    assert settings.CACHES["redis"]["LOCATION"] == "redis://127.0.0.1:6379/3"
+    assert settings.IDEMPOTENCY_STORES["redis"]["OPTIONS"] == {"CACHE": "redis"}
 
 
 # The project as a newcomer runs it
@@ -393,6 +395,8 @@ def test_manage_py_checks_migrates_and_seeds_a_fresh_database(tmp_path: Path) ->
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "example_project.settings",
         "DATABASE_URL": f"sqlite:///{tmp_path / 'shop.sqlite3'}",
+        # So that the check covers the Redis store's configuration too.
+        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"),
     }
 
     def manage(*args: str) -> str:
