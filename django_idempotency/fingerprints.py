@@ -6,6 +6,7 @@ import hashlib
 import json
 from typing import Any
 
+from django.core.files.uploadedfile import UploadedFile
 from django.http import HttpRequest
 from django.http.request import RawPostDataException
 
@@ -26,11 +27,14 @@ def request_fingerprint(request: HttpRequest) -> str:
 
 def request_body(request: HttpRequest) -> bytes:
     """The body in canonical form, for hashing."""
+    if request.content_type == "multipart/form-data":
+        # Clients draw a new random boundary for every request they build, so
+        # a retry's raw bytes differ: hash the parsed fields and files instead.
+        return _parsed_form(request)
     try:
         body = request.body
     except RawPostDataException:
-        # A multipart body already parsed (by the CSRF check, say) is no longer
-        # readable: hash what was parsed from it instead.
+        # Read as a stream by the time we see it: hash what was parsed from it.
         return _parsed_form(request)
     if _is_json(request.content_type):
         try:
@@ -56,7 +60,14 @@ def _is_json(content_type: str | None) -> bool:
 def _parsed_form(request: HttpRequest) -> bytes:
     fields = sorted((name, request.POST.getlist(name)) for name in request.POST)
     files = sorted(
-        (name, [(f.name, f.size, f.content_type) for f in request.FILES.getlist(name)])
-        for name in request.FILES
+        (name, [_file_digest(f) for f in request.FILES.getlist(name)]) for name in request.FILES
     )
     return canonical_json({"fields": fields, "files": files})
+
+
+def _file_digest(upload: UploadedFile) -> list[Any]:
+    digest = hashlib.sha256()
+    for chunk in upload.chunks():
+        digest.update(chunk)
+    upload.seek(0)  # the view reads it next
+    return [upload.name, upload.size, upload.content_type, digest.hexdigest()]

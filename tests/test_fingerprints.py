@@ -135,3 +135,27 @@ def test_fingerprint_setting(client: Client, settings: Any) -> None:
     endpoint = Endpoint("plain", "POST", "/plain/", drf=False)
     send(client, endpoint, {"item": "widget", "sent_at": 1})
     assert send(client, endpoint, {"item": "widget", "sent_at": 2})["Idempotent-Replayed"] == "true"
+
+
+def _multipart_with_boundary(boundary: str, content: bytes) -> Any:
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="doc"; filename="a.txt"\r\n'
+        f"Content-Type: text/plain\r\n\r\n"
+    ).encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return RequestFactory().post(
+        "/upload/", body, content_type=f"multipart/form-data; boundary={boundary}"
+    )
+
+
+def test_multipart_retry_with_a_new_boundary_has_the_same_fingerprint() -> None:
+    first = _multipart_with_boundary("boundaryAAAA", b"file body")
+    retry = _multipart_with_boundary("boundaryBBBB", b"file body")
+    assert first.body != retry.body
+    assert request_fingerprint(first) == request_fingerprint(retry)
+
+
+def test_multipart_files_count_by_content_and_stay_readable() -> None:
+    request = _multipart_with_boundary("b1", b"one")
+    assert request_fingerprint(request) != request_fingerprint(_multipart_with_boundary("b1", b"two"))
+    assert request.FILES["doc"].read() == b"one"

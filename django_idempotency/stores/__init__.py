@@ -28,7 +28,9 @@ class Store:
     #: (``True``) or refuse it (``False``, answered 503 over HTTP).
     fail_open = False
 
-    def __init__(self, alias: str, **options: Any) -> None:
+    def __init__(self, alias: str) -> None:
+        # Subclasses take their OPTIONS as keyword-only arguments, so that a
+        # misspelt option fails the system check instead of being ignored.
         self.alias = alias
 
     def atomic(self) -> contextlib.AbstractContextManager[Any]:
