@@ -60,6 +60,11 @@ def test_default_settings_pass() -> None:
         ("IDEMPOTENCY_STORES", {"default": {"BACKEND": "django_idempotency.Nope"}}, "E012"),
         (
             "IDEMPOTENCY_STORES",
+            {"default": {"BACKEND": DATABASE_STORE, "OPTIONS": {"DATABSE": "default"}}},
+            "E012",
+        ),
+        (
+            "IDEMPOTENCY_STORES",
             {"default": {"BACKEND": DATABASE_STORE, "OPTIONS": {"DATABASE": "nowhere"}}},
             "E014",
         ),
