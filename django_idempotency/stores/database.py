@@ -29,6 +29,8 @@ State = IdempotencyKey.State
 # this many rounds something else is wrong and the caller is told to retry.
 _CLAIM_ROUNDS = 3
 
+_MYSQL_DEADLOCK = 1213
+
 
 class DatabaseStore(Store):
     """Keys in the ``IdempotencyKey`` table; supports both ``atomic`` and ``lease``.
@@ -39,8 +41,8 @@ class DatabaseStore(Store):
 
     supports_atomic = True
 
-    def __init__(self, alias: str, *, DATABASE: str | None = None, **options: Any) -> None:  # noqa: N803
-        super().__init__(alias, **options)
+    def __init__(self, alias: str, *, DATABASE: str | None = None) -> None:
+        super().__init__(alias)
         self.database = DATABASE
 
     @property
@@ -103,7 +105,13 @@ class DatabaseStore(Store):
             for _ in range(_CLAIM_ROUNDS):
                 token = uuid.uuid4().hex
                 now = timezone.now()
-                if self._insert(call, policy, token, now):
+                try:
+                    inserted = self._insert(call, policy, token, now)
+                except OperationalError as exc:
+                    if not self._restart_after_deadlock(exc):
+                        raise
+                    continue  # the holder rolled back: wait for whoever claims next
+                if inserted:
                     return Claim(call, token)
                 row = self._existing(call)
                 if row is None:
@@ -112,6 +120,25 @@ class DatabaseStore(Store):
                 if claim is not None:
                     return claim
         raise RequestInProgress(retry_after=policy.retry_after)
+
+    def _restart_after_deadlock(self, exc: OperationalError) -> bool:
+        """Whether a deadlock undid nothing but this claim, which may then go on.
+
+        Claims waiting on one uncommitted key deadlock in InnoDB when its
+        holder rolls back, and InnoDB rolls each victim's whole transaction
+        back. If that was the claim's own transaction (the only atomic block,
+        and the one that began it), nothing else was lost: the claim continues
+        in the transaction the server begins with the next statement.
+        """
+        connection = transaction.get_connection(self.db)
+        deadlock = connection.vendor == "mysql" and exc.args[:1] == (_MYSQL_DEADLOCK,)
+        own_transaction = len(connection.atomic_blocks) == 1 and connection.commit_on_exit
+        if not (deadlock and own_transaction):
+            return False
+        # Django could not roll back to the insert's savepoint (it went with
+        # the transaction) and so marked the block for rollback: undo that.
+        transaction.set_rollback(False, using=self.db)
+        return True
 
     def _claim_postgresql(self, call: Call, policy: Policy) -> Claim:
         connection = transaction.get_connection(self.db)
@@ -265,7 +292,10 @@ def _lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> Iterator[None
         elif vendor == "sqlite":
             cursor.execute("PRAGMA busy_timeout")
             saved = cursor.fetchone()[0]
-            cursor.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+            # One lock covers the whole database: that it is busy says nothing
+            # about this key (most often another key's request is writing).
+            # Wait at least as long as any other write on this connection would.
+            cursor.execute(f"PRAGMA busy_timeout = {max(int(saved), int(seconds * 1000))}")
     try:
         yield
     finally:
