@@ -58,6 +58,7 @@ async def create_order(request: HttpRequest) -> HttpResponse:
 
 plain = idempotent(create_order)
 waiting = idempotent(wait=10)(create_order)
+optional = idempotent(required=False)(create_order)
 
 
 @method_decorator(idempotent, name="post")
@@ -69,6 +70,7 @@ class AsyncOrders(View):
 urlpatterns = [
     path("async/", plain),
     path("async/waiting/", waiting),
+    path("async/optional/", optional),
     path("async/cbv/", AsyncOrders.as_view()),
 ]
 
@@ -137,6 +139,18 @@ def test_a_missing_key_is_400(lease_store: str) -> None:
 
     assert run(scenario).status_code == 400
     assert orders() == 0
+
+
+def test_an_optional_key_left_out_runs_the_view_unprotected(lease_store: str) -> None:
+    async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:
+        return await post(key=None, path="/async/optional/"), await post(
+            key=None, path="/async/optional/"
+        )
+
+    first, second = run(scenario)
+
+    assert first.status_code == second.status_code == 201
+    assert orders() == 2
 
 
 def test_a_safe_method_is_untouched(lease_store: str) -> None:
