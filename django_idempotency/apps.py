@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 from django.utils.translation import gettext_lazy as _
 
 
@@ -11,3 +11,7 @@ class IdempotencyConfig(AppConfig):
 
     def ready(self) -> None:
         from django_idempotency import checks  # noqa: F401  (registers the checks)
+
+        if apps.is_installed("drf_spectacular"):
+            # Registers the extension that documents protected DRF views.
+            from django_idempotency import openapi  # noqa: F401

@@ -146,12 +146,15 @@ def idempotent(view: Any = None, /, **options: Any) -> Any:
         _refuse_undecoratable(view_func)
         if inspect.iscoroutinefunction(view_func):
             async_view: ViewFunc = _async_view(view_func, resolved)
+            async_view.idempotency_options = resolved  # type: ignore[attr-defined]
             return async_view
 
         @wraps(view_func)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             return protect(request, resolved, partial(view_func, request, *args, **kwargs))
 
+        # Lets the OpenAPI extension (openapi.py) find the protected operations.
+        wrapper.idempotency_options = resolved  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorator(view) if view is not None else decorator

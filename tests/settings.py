@@ -6,6 +6,7 @@ a server (default: the local one).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 
@@ -83,6 +84,13 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
 }
+
+# Where drf-spectacular is installed, the API is documented as in a project
+# that uses it (tests/test_openapi.py); the schema class is read when views
+# are decorated, so it must be set from the start.
+if importlib.util.find_spec("drf_spectacular") is not None:
+    INSTALLED_APPS.append("drf_spectacular")
+    REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "drf_spectacular.openapi.AutoSchema"
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
