@@ -7,7 +7,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from functools import partial, wraps
 from typing import Any, TypeVar, overload
@@ -208,7 +208,10 @@ async def protect_async(
         call = await sync_to_async(options.call)(request)
         if call is None:
             return await view()
-        outcome = await engine.run_async(call, options.policy(), view, partial(conclude, request))
+        # A global IDEMPOTENCY_MODE = "atomic" cannot apply here; the view's
+        # own mode="atomic" was refused when it was decorated.
+        policy = replace(options.policy(), mode=engine.LEASE)
+        outcome = await engine.run_async(call, policy, view, partial(conclude, request))
     except IdempotencyError as error:
         return problem_response(error)
     if isinstance(outcome, Replayed):
