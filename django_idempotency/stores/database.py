@@ -277,12 +277,10 @@ def _lease_end(policy: Policy, now: datetime) -> datetime | None:
 @contextlib.contextmanager
 def _lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> Iterator[None]:
     """Bound how long statements wait for a lock held by another transaction."""
+    # (PostgreSQL claims through stores/postgresql.py, which bounds its own wait.)
     vendor = connection.vendor
     with connection.cursor() as cursor:
-        if vendor == "postgresql":
-            # 0 would mean "no limit" to PostgreSQL; 1 ms is "at once".
-            cursor.execute("SET LOCAL lock_timeout = %s", [f"{max(1, int(seconds * 1000))}ms"])
-        elif vendor == "mysql":
+        if vendor == "mysql":
             minimum = 0 if connection.mysql_is_mariadb else 1  # type: ignore[attr-defined]
             cursor.execute(
                 "SET @idempotency_saved_wait = @@SESSION.innodb_lock_wait_timeout,"
@@ -300,9 +298,7 @@ def _lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> Iterator[None
         yield
     finally:
         with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
-            if vendor == "postgresql" and not connection.needs_rollback:
-                cursor.execute("SET LOCAL lock_timeout TO DEFAULT")
-            elif vendor == "mysql":
+            if vendor == "mysql":
                 cursor.execute(
                     "SET @@SESSION.innodb_lock_wait_timeout = @idempotency_saved_wait"
                 )
