@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from example_project.shop.models import Order, Payment
+from example_project.shop.models import LedgerEntry, Order, Payment
 
 
 @admin.register(Order)
@@ -17,3 +17,10 @@ class PaymentAdmin(admin.ModelAdmin):
     list_display = ("reference", "order", "amount_cents", "owner", "created")
     list_filter = ("owner",)
     search_fields = ("reference",)
+
+
+@admin.register(LedgerEntry)
+class LedgerEntryAdmin(admin.ModelAdmin):
+    list_display = ("payment", "amount_cents", "booked")
+    search_fields = ("payment__reference",)
+    date_hierarchy = "booked"

@@ -34,3 +34,22 @@ class Payment(models.Model):
 
     def __str__(self) -> str:
         return self.reference
+
+
+class LedgerEntry(models.Model):
+    """Money booked for a payment: one row per capture the provider reported.
+
+    Rows are only ever added, so a capture message applied twice would book
+    the money twice; ``consumers.on_payment_captured`` applies each message once.
+    """
+
+    payment = models.ForeignKey(Payment, on_delete=models.PROTECT, related_name="ledger_entries")
+    amount_cents = models.PositiveIntegerField()
+    booked = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("-booked", "-pk")
+        verbose_name_plural = "ledger entries"
+
+    def __str__(self) -> str:
+        return f"{self.amount_cents} cents on {self.payment}"
