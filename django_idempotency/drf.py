@@ -13,10 +13,16 @@ from typing import Any
 
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
-from rest_framework.request import Request
 
 from django_idempotency.conf import app_settings, load_callable
 from django_idempotency.decorators import Options, RequestFunction, Seconds, protect
+
+try:
+    from rest_framework.request import Request
+except ImportError as missing:  # the "drf" extra is not installed
+    raise ImportError(
+        "django_idempotency.drf needs Django REST framework: pip install 'django-idempotency[drf]'"
+    ) from missing
 
 
 class IdempotencyMixin:
