@@ -1,0 +1,133 @@
+"""The shop's three entry points under other protections, and a fault gate.
+
+Each protection (a name in :data:`PROTECTIONS`) gets the shop's order viewset,
+payment view and plain order view, running the shop's own code, protected
+with that protection's options. The example project's URLs stay as they are.
+
+A request sent with ``X-Hold: <name>`` stops at a gate inside the protected
+view: it writes ``<name>.inside`` (its worker's pid and its database
+backend's pid) in ``settings.FAULT_DIR``, then waits until the test creates
+``<name>.open``. While it waits, the test knows it is in flight and which
+process and database session to kill. Orders are held after their write;
+payments before the provider is called.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.db import connection
+from django.http import HttpRequest, HttpResponse
+from django.http.response import HttpResponseBase
+from django.views.decorators.http import require_POST
+from rest_framework.decorators import api_view
+from rest_framework.request import Request
+from rest_framework.serializers import BaseSerializer
+
+from django_idempotency.decorators import idempotent
+from example_project.shop import views as shop
+from example_project.shop.models import Order
+
+#: Options of ``@idempotent`` per protection; the views under ``/mp/<name>/``.
+PROTECTIONS: dict[str, dict[str, Any]] = {
+    "atomic": {"mode": "atomic"},
+    "lease": {"mode": "lease", "lease": 10},
+    "redis": {"mode": "lease", "lease": 10, "store": "redis"},
+    # Short leases, for the takeover after a crash.
+    "lease-short": {"mode": "lease", "lease": 2},
+    "redis-short": {"mode": "lease", "lease": 2, "store": "redis"},
+    # Keys that expire a second after completion, for the purge.
+    "brief": {"mode": "atomic", "retention": 1},
+    # A Redis that cannot be reached: refused (the default) or run unprotected.
+    "redis-down": {"mode": "lease", "store": "redis_down"},
+    "redis-down-open": {"mode": "lease", "store": "redis_down_open"},
+}
+
+#: How long a held request waits for its gate before giving up (seconds).
+HOLD_LIMIT = 60.0
+_GATE_NAME = re.compile(r"[a-z0-9-]{1,64}")
+
+
+def ready(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("ready", content_type="text/plain")
+
+
+def hold_if_asked(request: HttpRequest) -> None:
+    """Stop at the gate named by ``X-Hold``, if the request has one."""
+    name = request.headers.get("X-Hold")
+    if name is None:
+        return
+    if not _GATE_NAME.fullmatch(name):
+        raise ValueError(f"bad gate name {name!r}")
+    directory = Path(settings.FAULT_DIR)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (backend_pid,) = cursor.fetchone()
+    inside = {"pid": os.getpid(), "backend_pid": backend_pid}
+    # Written whole, then renamed: the test never reads half a file.
+    draft = directory / f"{name}.inside.tmp"
+    draft.write_text(json.dumps(inside))
+    draft.replace(directory / f"{name}.inside")
+    gate = directory / f"{name}.open"
+    deadline = time.monotonic() + HOLD_LIMIT
+    # A file, polled, rather than a lock in the database: a worker killed here
+    # leaves its database session idle, and PostgreSQL ends it at once.
+    while not gate.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"gate {name!r} never opened")
+        time.sleep(0.01)
+
+
+class HeldOrderViewSet(shop.OrderViewSet):
+    def perform_create(self, serializer: BaseSerializer[Order]) -> None:
+        super().perform_create(serializer)
+        hold_if_asked(self.request)
+
+
+def order_viewset(name: str, options: dict[str, Any]) -> Callable[..., HttpResponseBase]:
+    attributes = {f"idempotency_{option}": value for option, value in options.items()}
+    viewset = type(f"OrderViewSet_{name}", (HeldOrderViewSet,), attributes)
+    return viewset.as_view({"post": "create"})  # type: ignore[no-any-return]
+
+
+def _under_api_view(view: Any) -> Callable[..., Any]:
+    """The function that ``@api_view`` turned into ``view``, its other decorators removed."""
+    # DRF keeps it only in the closure of the handler it installs.
+    (cell,) = view.cls.post.__closure__
+    return inspect.unwrap(cell.cell_contents)
+
+
+_payment_logic = _under_api_view(shop.create_payment)
+_order_logic = inspect.unwrap(shop.create_order)
+
+
+def payment_view(options: dict[str, Any]) -> Callable[..., HttpResponseBase]:
+    @api_view(["POST"])
+    @idempotent(**options)
+    def create_payment(request: Request) -> HttpResponseBase:
+        hold_if_asked(request)
+        response: HttpResponseBase = _payment_logic(request)
+        return response
+
+    return create_payment
+
+
+def plain_order_view(options: dict[str, Any]) -> Callable[..., HttpResponseBase]:
+    @require_POST
+    @login_required
+    @idempotent(**options)
+    def create_order(request: HttpRequest) -> HttpResponseBase:
+        response: HttpResponseBase = _order_logic(request)
+        hold_if_asked(request)
+        return response
+
+    return create_order
