@@ -14,8 +14,15 @@ import uuid
 from django.conf import settings
 
 
+class ProviderError(Exception):
+    """The provider refused the charge or could not be reached; nothing was charged."""
+
+
 def charge(amount_cents: int) -> str:
-    """Charge ``amount_cents`` and return the provider's reference for the charge."""
+    """Charge ``amount_cents`` and return the provider's reference for the charge.
+
+    Raises :class:`ProviderError` when nothing was charged (this fake never does).
+    """
     delay = float(getattr(settings, "SHOP_PROVIDER_DELAY", 0))
     if delay > 0:
         time.sleep(delay)

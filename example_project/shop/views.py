@@ -56,7 +56,14 @@ def create_payment(request: Request) -> Response:
     """Pay for one of the user's orders."""
     serializer = PaymentSerializer(data=request.data, context={"request": request})
     serializer.is_valid(raise_exception=True)
-    reference = provider.charge(serializer.validated_data["amount_cents"])
+    try:
+        reference = provider.charge(serializer.validated_data["amount_cents"])
+    except provider.ProviderError as error:
+        # Nothing was charged. A 5xx keeps no idempotency key, so the client's
+        # retry with the same key charges again rather than replaying this.
+        return Response(
+            {"detail": f"The payment provider failed: {error}"}, status=status.HTTP_502_BAD_GATEWAY
+        )
     payment = serializer.save(owner=request.user, reference=reference)
     return Response(
         serializer.data,
