@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from functools import partial
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,14 @@ from django_idempotency.exceptions import FingerprintMismatch
 from django_idempotency.models import IdempotencyKey
 from example_project.shop.consumers import InvalidMessage, on_payment_captured
 from example_project.shop.models import LedgerEntry, Order, Payment
-from tests.factories import IdempotencyKeyFactory, UserFactory
+from tests.factories import IdempotencyKeyFactory
 from tests.lease_stores import run_together
 
 MESSAGE = {"id": "evt_1", "payment": "ch_1", "amount_cents": 300}
 
 
 def create_payment(reference: str = "ch_1", amount_cents: int = 450) -> Payment:
-    owner = UserFactory()
+    owner = get_user_model().objects.create_user(f"customer-of-{reference}")
     order = Order.objects.create(owner=owner, item="coffee", amount="4.50")
     return Payment.objects.create(
         owner=owner, order=order, amount_cents=amount_cents, reference=reference
@@ -194,10 +195,8 @@ def test_two_captures_of_one_payment_at_once_cannot_exceed_it() -> None:
     create_payment(amount_cents=450)
     messages = [{"id": f"evt_{n}", "payment": "ch_1", "amount_cents": 300} for n in (1, 2)]
 
-    workers = run_together(
-        [lambda message=message: on_payment_captured(message) for message in messages]
-    )
-    outcomes = []
+    workers = run_together([partial(on_payment_captured, message) for message in messages])
+    outcomes: list[int | str] = []
     for worker in workers:
         try:
             outcomes.append(worker.outcome()["captured_cents"])
