@@ -518,7 +518,7 @@ class Traffic:
 
 CLIENTS_PER_USER = 3
 #: (operation, weight) of the mixed load.
-OPERATIONS = (("new", 35), ("replay", 25), ("conflict", 15), ("mismatch", 15), ("other_user", 10))
+OPERATIONS = {"new": 35, "replay": 25, "conflict": 15, "mismatch": 15, "other_user": 10}
 
 
 @dataclass(frozen=True)
@@ -548,7 +548,7 @@ class MixedLoad:
 
     def client(self, user: User, seed: int, deadline: float) -> None:
         rng = random.Random(seed)
-        names, weights = zip(*OPERATIONS, strict=True)
+        names, weights = list(OPERATIONS), list(OPERATIONS.values())
         while time.monotonic() < deadline:
             (name,) = rng.choices(names, weights)
             with self.lock:

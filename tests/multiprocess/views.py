@@ -68,7 +68,10 @@ def hold_if_asked(request: HttpRequest) -> None:
         return
     if not _GATE_NAME.fullmatch(name):
         raise ValueError(f"bad gate name {name!r}")
-    directory = Path(settings.FAULT_DIR)
+    fault_dir = getattr(settings, "FAULT_DIR", "")
+    if not fault_dir:
+        raise RuntimeError("X-Hold needs MP_FAULT_DIR: where the gates are")
+    directory = Path(fault_dir)
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         (backend_pid,) = cursor.fetchone()
@@ -95,15 +98,17 @@ class HeldOrderViewSet(shop.OrderViewSet):
 
 def order_viewset(name: str, options: dict[str, Any]) -> Callable[..., HttpResponseBase]:
     attributes = {f"idempotency_{option}": value for option, value in options.items()}
-    viewset = type(f"OrderViewSet_{name}", (HeldOrderViewSet,), attributes)
-    return viewset.as_view({"post": "create"})  # type: ignore[no-any-return]
+    viewset: type[HeldOrderViewSet] = type(f"OrderViewSet_{name}", (HeldOrderViewSet,), attributes)
+    view: Callable[..., HttpResponseBase] = viewset.as_view({"post": "create"})
+    return view
 
 
 def _under_api_view(view: Any) -> Callable[..., Any]:
     """The function that ``@api_view`` turned into ``view``, its other decorators removed."""
     # DRF keeps it only in the closure of the handler it installs.
     (cell,) = view.cls.post.__closure__
-    return inspect.unwrap(cell.cell_contents)
+    function: Callable[..., Any] = inspect.unwrap(cell.cell_contents)
+    return function
 
 
 _payment_logic = _under_api_view(shop.create_payment)
