@@ -62,7 +62,7 @@ def test_the_demo_gets_the_status_each_scenario_describes() -> None:
     rows = table_rows(output)
     assert [(row[3], row[4]) for row in rows] == EXPECTED
     assert [row[2] for row in rows] == ["k1"] * 3 + ["-"] + ["k2"] * 3 + ["k3"] * 2
-    assert rows[5][5].startswith("the same key while 5 is charging: in progress, Retry-After ")
+    assert rows[5][5].startswith("the same key while 5 charges: in progress, Retry-After ")
     assert "UNEXPECTED" not in output
     assert "created 1 order and 2 payments; the provider made 2 charges and failed 1 time" in output
 

@@ -47,9 +47,10 @@ class Step:
     data: dict[str, Any]
     #: ``k1``, ``k2``...: the key's label; ``None`` sends no key.
     key: str | None
-    expected_status: int
-    expected_replayed: bool
+    #: The status the step should get, and whether it should be a replay.
+    expect: int
     shows: str
+    expect_replay: bool = False
     response: HttpResponseBase | None = None
 
     @property
@@ -68,7 +69,7 @@ class Step:
 
     @property
     def as_described(self) -> bool:
-        return (self.status, self.replayed) == (self.expected_status, self.expected_replayed)
+        return (self.status, self.replayed) == (self.expect, self.expect_replay)
 
     def json(self) -> Any:
         assert self.response is not None
@@ -166,47 +167,45 @@ class Demo:
         coffee = {"item": "coffee", "amount": "4.50"}
         tea = {"item": "tea", "amount": "4.50"}
         first = self._send(
+            Step(ORDERS, coffee, "k1", 201, "new key: the view runs; order and response stored")
+        )
+        self._send(
             Step(
                 ORDERS,
                 coffee,
                 "k1",
                 201,
-                False,
-                "new key: the view runs; order and response stored",
+                "a retry: the stored response, no new order",
+                expect_replay=True,
             )
         )
-        self._send(
-            Step(ORDERS, coffee, "k1", 201, True, "a retry: the stored response, no new order")
-        )
-        self._send(
-            Step(ORDERS, tea, "k1", 422, False, "the key reused for another order: nothing runs")
-        )
-        self._send(Step(ORDERS, tea, None, 400, False, "no key where one is required: refused"))
+        self._send(Step(ORDERS, tea, "k1", 422, "the key reused for another order: nothing runs"))
+        self._send(Step(ORDERS, tea, None, 400, "no key where one is required: refused"))
         return first.json().get("id") if first.status == 201 else None
 
     def _concurrent_payment(self, order_id: int | None) -> None:
         payment = {"order": order_id, "amount_cents": 450}
         held = self._record(
-            Step(
-                PAYMENTS,
-                payment,
-                "k2",
-                201,
-                False,
-                "charged once; held by the provider until 6 was answered",
-            )
+            Step(PAYMENTS, payment, "k2", 201, "held at the provider until 6 is answered; charged")
         )
         self.scripted.hold_next = True
         with self._in_thread(lambda: self._answer(held)):
             # Until the charge is held (or the request ended without reaching it).
             self.scripted.holding.wait(PATIENCE)
             duplicate = self._send(
-                Step(PAYMENTS, payment, "k2", 409, False, "the same key while 5 is charging")
+                Step(PAYMENTS, payment, "k2", 409, "the same key while 5 charges")
             )
         retry_after = duplicate.response.get("Retry-After") if duplicate.response else None
         duplicate.shows += f": in progress, Retry-After {retry_after} s"
         replay = self._send(
-            Step(PAYMENTS, payment, "k2", 201, True, "after 5 finished: its response, same charge")
+            Step(
+                PAYMENTS,
+                payment,
+                "k2",
+                201,
+                "after 5 finished: its response, same charge",
+                expect_replay=True,
+            )
         )
         if held.status == replay.status == 201 and held.json() != replay.json():
             replay.shows += " (NOT the same body!)"
@@ -214,10 +213,8 @@ class Demo:
     def _failed_payment(self, order_id: int | None) -> None:
         payment = {"order": order_id, "amount_cents": 200}
         self.scripted.fail_next = True
-        self._send(
-            Step(PAYMENTS, payment, "k3", 502, False, "provider failed: a 5xx keeps nothing")
-        )
-        self._send(Step(PAYMENTS, payment, "k3", 201, False, "the retry runs again and is charged"))
+        self._send(Step(PAYMENTS, payment, "k3", 502, "provider failed: a 5xx keeps nothing"))
+        self._send(Step(PAYMENTS, payment, "k3", 201, "the retry runs again and is charged"))
 
     @contextmanager
     def _in_thread(self, work: Callable[[], None]) -> Iterator[None]:
@@ -266,7 +263,7 @@ def render(steps: list[Step]) -> str:
     for number, step in enumerate(steps, 1):
         shows = step.shows
         if not step.as_described:
-            shows = f"UNEXPECTED (expected {step.expected_status}): {shows}"
+            shows = f"UNEXPECTED (expected {step.expect}): {shows}"
         replayed = "yes" if step.replayed else "no"
         key = step.key or "-"
         rows.append((str(number), step.request, key, str(step.status), replayed, shows))
