@@ -10,14 +10,21 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, OperationalError, router, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    router,
+    transaction,
+)
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import F
 from django.utils import timezone
 
 from django_idempotency import signals
 from django_idempotency.engine import ATOMIC, Call, Claim, Policy, Snapshot
-from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress
+from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.stores import Store, postgresql
 
@@ -49,8 +56,20 @@ class DatabaseStore(Store):
     def db(self) -> str:
         return self.database or router.db_for_write(IdempotencyKey)
 
-    def atomic(self) -> contextlib.AbstractContextManager[Any]:
-        return transaction.atomic(using=self.db)
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        block = transaction.atomic(using=self.db)
+        block.__enter__()
+        try:
+            yield
+        except BaseException as exc:
+            # Ending the block talks to the server; if the connection died,
+            # MySQLdb raises even while Django drops it: report that as such.
+            with self._reachable():
+                block.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        with self._reachable():
+            block.__exit__(None, None, None)
 
     def rollback_pending(self) -> bool:
         return transaction.get_rollback(using=self.db)
@@ -65,14 +84,13 @@ class DatabaseStore(Store):
         else:
             claim_in_transaction = self._claim
         try:
-            if policy.mode == ATOMIC:
-                # The caller's transaction (see Store.atomic) holds the claim.
-                return claim_in_transaction(call, policy)
-            with transaction.atomic(using=self.db):
-                return claim_in_transaction(call, policy)
+            with self._reachable():
+                if policy.mode == ATOMIC:
+                    # The caller's transaction (see Store.atomic) holds the claim.
+                    return claim_in_transaction(call, policy)
+                with transaction.atomic(using=self.db):
+                    return claim_in_transaction(call, policy)
         except OperationalError as exc:
-            if not _is_lock_contention(exc):
-                raise
             # Waited as long as allowed for the transaction that holds the key.
             raise RequestInProgress(retry_after=policy.retry_after) from exc
 
@@ -80,19 +98,44 @@ class DatabaseStore(Store):
         # One statement, conditional on the token: atomic with or without a
         # surrounding transaction, and a no-op for a claim that was taken over.
         now = timezone.now()
-        updated: int = self._owned(claim).update(
-            state=State.COMPLETED,
-            locked_until=None,
-            response_status=snapshot.status,
-            response_headers=[list(header) for header in snapshot.headers],
-            response_body=snapshot.body,
-            completed=now,
-            expires=now + timedelta(seconds=policy.retention),
-        )
+        with self._reachable():
+            updated: int = self._owned(claim).update(
+                state=State.COMPLETED,
+                locked_until=None,
+                response_status=snapshot.status,
+                response_headers=[list(header) for header in snapshot.headers],
+                response_body=snapshot.body,
+                completed=now,
+                expires=now + timedelta(seconds=policy.retention),
+            )
         return updated == 1
 
     def release(self, claim: Claim) -> None:
-        self._owned(claim).delete()
+        with self._reachable():
+            self._owned(claim).delete()
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Report a lost or refused connection as the store being unavailable.
+
+        Lock contention stays an ``OperationalError``: the claim answers it
+        with 409. Anything else (the server closed the connection, refused a
+        new one, ran out of disk) means the store cannot keep its promise.
+        """
+        driver = transaction.get_connection(self.db).Database
+        try:
+            yield
+        except (
+            OperationalError,
+            InterfaceError,
+            # Raised unwrapped by some drivers, e.g. MySQLdb when Django
+            # closes a cursor on a connection the server dropped.
+            driver.OperationalError,
+            driver.InterfaceError,
+        ) as exc:
+            if isinstance(exc, OperationalError) and _is_lock_contention(exc):
+                raise
+            raise StoreUnavailable(f"Database {self.db!r} is unavailable: {exc}") from exc
 
     def _owned(self, claim: Claim) -> Any:
         return IdempotencyKey.objects.using(self.db).filter(
