@@ -4,9 +4,11 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-# The first interpreter >= 3.12 (Django 6 needs it). pyenv's shims answer only
-# for the selected version, so its installed versions are tried as well.
-PYTHON ?= $(shell for p in python3.12 python3.13 python3 $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3; do \
+# The newest interpreter >= 3.12 (Django 6 needs it), so that `make test` runs
+# the newest combination of Python and Django. pyenv's shims answer only for
+# the selected version, so its installed versions are tried as well.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3 \
+	$$(ls -d $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV); do \
 	"$$p" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { command -v "$$p"; break; }; \
 	done)
 
@@ -14,17 +16,27 @@ PYTHON ?= $(shell for p in python3.12 python3.13 python3 $$HOME/.pyenv/versions/
 POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/idempotency
 MARIADB_URL ?= mysql://root@127.0.0.1:3306/idempotency
 PYTEST_ARGS ?=
+# The benchmark creates and drops this database (its name must contain "bench").
+BENCH_DATABASE_URL ?= sqlite:///$(CURDIR)/build/bench.sqlite3
+BENCH_ARGS ?=
+NOX_ARGS ?=
 
 # mysqlclient needs libmariadb-dev and pkg-config: installed only when needed.
 DRIVERS := $(if $(filter mysql%,$(DATABASE_URL)),$(VENV)/.installed-mysql)
+BENCH_DRIVERS := $(if $(filter mysql%,$(BENCH_DATABASE_URL)),$(VENV)/.installed-mysql)
+BENCH_REDIS := $(if $(REDIS_URL),--redis-url $(REDIS_URL))
 
-.PHONY: help install demo test test-all lint
+.PHONY: help install demo test test-all matrix lint docs bench bench-quick dist
 
 help:
-	@echo "make demo      run the example shop on http://127.0.0.1:8000 (SQLite)"
-	@echo "make test      run the tests (SQLite, or DATABASE_URL / REDIS_URL if set)"
-	@echo "make test-all  run the tests on SQLite, PostgreSQL and MariaDB"
-	@echo "make lint      ruff and mypy"
+	@echo "make demo         run the example shop on http://127.0.0.1:8000 (SQLite)"
+	@echo "make test         run the tests (SQLite, or DATABASE_URL / REDIS_URL if set)"
+	@echo "make test-all     run the tests on SQLite, PostgreSQL and MariaDB"
+	@echo "make matrix       the nox sessions: Django x Python, the wheel, no DRF (NOX_ARGS=...)"
+	@echo "make lint         ruff and mypy"
+	@echo "make docs         build the documentation into build/site (warnings are errors)"
+	@echo "make bench        the benchmark (BENCH_DATABASE_URL, REDIS_URL); bench-quick: smoke run"
+	@echo "make dist         build the sdist and wheel into dist/ and check them with twine"
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "No Python >= 3.12 found: make PYTHON=/path/to/python3.12" >&2; exit 1; }
@@ -32,7 +44,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"  # for --group
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[drf,redis]" --group test
+	$(BIN)/python -m pip install --quiet -e ".[drf,redis,spectacular]" --group test
 	@touch $@
 
 $(VENV)/.installed-%: $(VENV)/.installed
@@ -54,6 +66,25 @@ test-all: install
 	DATABASE_URL=$(POSTGRES_URL) $(MAKE) test
 	DATABASE_URL=$(MARIADB_URL) $(MAKE) test
 
+# nox finds pyenv's interpreters itself (noxfile.py) and uses uv from .venv.
+matrix: $(VENV)/.installed-nox
+	$(BIN)/nox $(NOX_ARGS)
+
 lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+docs: $(VENV)/.installed-docs
+	$(BIN)/mkdocs build --strict
+
+bench: $(VENV)/.installed-bench $(BENCH_DRIVERS)
+	@mkdir -p build
+	$(BIN)/python benchmarks/run.py --database-url $(BENCH_DATABASE_URL) $(BENCH_REDIS) $(BENCH_ARGS)
+
+bench-quick:
+	$(MAKE) bench BENCH_ARGS="--quick $(BENCH_ARGS)"
+
+dist: $(VENV)/.installed-release
+	rm -rf dist
+	$(BIN)/python -m build
+	$(BIN)/twine check --strict dist/*
