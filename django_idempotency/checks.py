@@ -47,35 +47,70 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
     header = getattr(settings, "IDEMPOTENCY_HEADER", "Idempotency-Key")
     if not isinstance(header, str) or not _TOKEN.match(header):
-        errors.append(_error(1, "IDEMPOTENCY_HEADER must be a header name.",
-                             'Use a name such as "Idempotency-Key".'))
+        errors.append(
+            _error(
+                1,
+                "IDEMPOTENCY_HEADER must be a header name.",
+                'Use a name such as "Idempotency-Key".',
+            )
+        )
     methods = getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH"))
     if (
         isinstance(methods, str)
         or not all(isinstance(m, str) for m in methods)
         or not {m.upper() for m in methods} <= _KNOWN_METHODS
     ):
-        errors.append(_error(2, "IDEMPOTENCY_METHODS must list unsafe HTTP methods.",
-                             f"Choose among {', '.join(sorted(_KNOWN_METHODS))}; "
-                             "safe methods are never protected."))
+        errors.append(
+            _error(
+                2,
+                "IDEMPOTENCY_METHODS must list unsafe HTTP methods.",
+                f"Choose among {', '.join(sorted(_KNOWN_METHODS))}; "
+                "safe methods are never protected.",
+            )
+        )
     if not isinstance(getattr(settings, "IDEMPOTENCY_REQUIRED", True), bool):
-        errors.append(_error(3, "IDEMPOTENCY_REQUIRED must be True or False.",
-                             "True refuses protected requests without a key with 400."))
+        errors.append(
+            _error(
+                3,
+                "IDEMPOTENCY_REQUIRED must be True or False.",
+                "True refuses protected requests without a key with 400.",
+            )
+        )
     for id_, name in ((4, "SCOPE"), (5, "FINGERPRINT")):
         if not _is_callable_path(getattr(app_settings, name)):
-            errors.append(_error(id_, f"IDEMPOTENCY_{name} must be a callable or its dotted path.",
-                                 "It is called with the request and returns a string."))
+            errors.append(
+                _error(
+                    id_,
+                    f"IDEMPOTENCY_{name} must be a callable or its dotted path.",
+                    "It is called with the request and returns a string.",
+                )
+            )
     for id_, name in ((6, "RETENTION"), (7, "LEASE")):
         if not _is_seconds(getattr(app_settings, name)):
-            errors.append(_error(id_, f"IDEMPOTENCY_{name} must be a positive number of seconds.",
-                                 "Give seconds as a number or a datetime.timedelta."))
+            errors.append(
+                _error(
+                    id_,
+                    f"IDEMPOTENCY_{name} must be a positive number of seconds.",
+                    "Give seconds as a number or a datetime.timedelta.",
+                )
+            )
     if not _is_seconds(app_settings.WAIT, allow_zero=True):
-        errors.append(_error(8, "IDEMPOTENCY_WAIT must be zero or a positive number of seconds.",
-                             "0 answers 409 at once; a number waits for the first request."))
+        errors.append(
+            _error(
+                8,
+                "IDEMPOTENCY_WAIT must be zero or a positive number of seconds.",
+                "0 answers 409 at once; a number waits for the first request.",
+            )
+        )
     mode = app_settings.MODE
     if mode is not None and mode not in MODES:
-        errors.append(_error(9, f"IDEMPOTENCY_MODE must be one of {', '.join(MODES)} or None.",
-                             "None uses atomic where the store supports it, else lease."))
+        errors.append(
+            _error(
+                9,
+                f"IDEMPOTENCY_MODE must be one of {', '.join(MODES)} or None.",
+                "None uses atomic where the store supports it, else lease.",
+            )
+        )
     errors.extend(_check_stores(mode))
     errors.extend(_check_responses())
     return errors
@@ -86,27 +121,52 @@ def _check_stores(mode: str | None) -> list[CheckMessage]:
     if not isinstance(stores, dict) or not all(
         isinstance(c, dict) and isinstance(c.get("BACKEND"), str) for c in stores.values()
     ):
-        return [_error(10, "IDEMPOTENCY_STORES must map aliases to {'BACKEND': ..., 'OPTIONS': ...}.",
-                       "See the settings reference for the store backends.")]
+        return [
+            _error(
+                10,
+                "IDEMPOTENCY_STORES must map aliases to {'BACKEND': ..., 'OPTIONS': ...}.",
+                "See the settings reference for the store backends.",
+            )
+        ]
     errors: list[CheckMessage] = []
     if app_settings.STORE not in stores:
-        errors.append(_error(11, f"IDEMPOTENCY_STORE {app_settings.STORE!r} is not in IDEMPOTENCY_STORES.",
-                             "Name one of the configured aliases."))
+        errors.append(
+            _error(
+                11,
+                f"IDEMPOTENCY_STORE {app_settings.STORE!r} is not in IDEMPOTENCY_STORES.",
+                "Name one of the configured aliases.",
+            )
+        )
     for alias, config in stores.items():
         try:
             backend: Callable[..., Any] = import_string(config["BACKEND"])
             store = backend(alias, **config.get("OPTIONS", {}))
         except Exception as exc:  # a check reports; it never crashes
-            errors.append(_error(12, f"Idempotency store {alias!r} cannot be created: {exc}",
-                                 "Check its BACKEND path and OPTIONS."))
+            errors.append(
+                _error(
+                    12,
+                    f"Idempotency store {alias!r} cannot be created: {exc}",
+                    "Check its BACKEND path and OPTIONS.",
+                )
+            )
             continue
         if mode == ATOMIC and alias == app_settings.STORE and not store.supports_atomic:
-            errors.append(_error(13, f"Idempotency store {alias!r} does not support atomic mode.",
-                                 'Set IDEMPOTENCY_MODE = "lease" or use the database store.'))
+            errors.append(
+                _error(
+                    13,
+                    f"Idempotency store {alias!r} does not support atomic mode.",
+                    'Set IDEMPOTENCY_MODE = "lease" or use the database store.',
+                )
+            )
         database = getattr(store, "database", None)
         if database is not None and database not in connections.settings:
-            errors.append(_error(14, f"Idempotency store {alias!r} names the unknown database {database!r}.",
-                                 "Use an alias from DATABASES."))
+            errors.append(
+                _error(
+                    14,
+                    f"Idempotency store {alias!r} names the unknown database {database!r}.",
+                    "Use an alias from DATABASES.",
+                )
+            )
     return errors + _check_sqlite()
 
 
@@ -116,32 +176,54 @@ def _check_sqlite() -> list[CheckMessage]:
     alias = router.db_for_write(IdempotencyKey)
     if connections.settings.get(alias, {}).get("ENGINE") != "django.db.backends.sqlite3":
         return []
-    return [Warning(
-        "Idempotency keys are stored in SQLite, which serialises all writers.",
-        hint="Fine for development and tests; concurrent duplicates get 409. "
-             "Use PostgreSQL or MariaDB in production.",
-        id="django_idempotency.W001",
-    )]
+    return [
+        Warning(
+            "Idempotency keys are stored in SQLite, which serialises all writers.",
+            hint="Fine for development and tests; concurrent duplicates get 409. "
+            "Use PostgreSQL or MariaDB in production.",
+            id="django_idempotency.W001",
+        )
+    ]
 
 
 def _check_responses() -> list[CheckMessage]:
     errors: list[CheckMessage] = []
     headers = getattr(settings, "IDEMPOTENCY_REPLAYED_HEADERS", ("Content-Type", "Location"))
     if isinstance(headers, str) or not all(isinstance(h, str) and _TOKEN.match(h) for h in headers):
-        errors.append(_error(15, "IDEMPOTENCY_REPLAYED_HEADERS must list header names.",
-                             'For example ("Content-Type", "Location", "ETag").'))
+        errors.append(
+            _error(
+                15,
+                "IDEMPOTENCY_REPLAYED_HEADERS must list header names.",
+                'For example ("Content-Type", "Location", "ETag").',
+            )
+        )
     elif any(h.lower() == "set-cookie" for h in headers):
-        errors.append(_error(16, "Set-Cookie cannot be replayed.",
-                             "A replay would hand one client's cookies to another; remove it."))
+        errors.append(
+            _error(
+                16,
+                "Set-Cookie cannot be replayed.",
+                "A replay would hand one client's cookies to another; remove it.",
+            )
+        )
     statuses = getattr(settings, "IDEMPOTENCY_RELEASE_STATUSES", (401, 403, 408, 429))
     if isinstance(statuses, str) or not all(
         isinstance(s, int) and not isinstance(s, bool) and 400 <= s <= 499 for s in statuses
     ):
-        errors.append(_error(17, "IDEMPOTENCY_RELEASE_STATUSES must list 4xx status codes.",
-                             "5xx responses are never kept; list the 4xx a retry may fix."))
+        errors.append(
+            _error(
+                17,
+                "IDEMPOTENCY_RELEASE_STATUSES must list 4xx status codes.",
+                "5xx responses are never kept; list the 4xx a retry may fix.",
+            )
+        )
     for id_, name in ((18, "MAX_BODY_SIZE"), (19, "RETRY_AFTER")):
         value = getattr(settings, f"IDEMPOTENCY_{name}", 1)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            errors.append(_error(id_, f"IDEMPOTENCY_{name} must be a positive integer.",
-                                 "Bytes for MAX_BODY_SIZE, seconds for RETRY_AFTER."))
+            errors.append(
+                _error(
+                    id_,
+                    f"IDEMPOTENCY_{name} must be a positive integer.",
+                    "Bytes for MAX_BODY_SIZE, seconds for RETRY_AFTER.",
+                )
+            )
     return errors

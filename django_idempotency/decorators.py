@@ -111,7 +111,8 @@ def protect(
         return problem_response(error)
     if isinstance(outcome, Replayed):
         return replay_response(outcome.snapshot)
-    return outcome.result
+    response: HttpResponseBase = outcome.result
+    return response
 
 
 @overload

@@ -111,7 +111,7 @@ def _protected(
     *args: Any,
     **kwargs: Any,
 ) -> HttpResponseBase:
-    return protect(request, options, partial(handler, request, *args, **kwargs))  # type: ignore[arg-type]
+    return protect(request, options, partial(handler, request, *args, **kwargs))
 
 
 def _call_option(view: IdempotencyMixin, attribute: str, setting: str, request: HttpRequest) -> str:

@@ -29,7 +29,12 @@ class IdempotencyError(Exception):
 
     def problem(self) -> dict[str, object]:
         """The RFC 9457 problem details object for this error."""
-        return {"type": self.type, "title": self.title, "status": self.status, "detail": self.detail}
+        return {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
 
 
 class KeyMissing(IdempotencyError):

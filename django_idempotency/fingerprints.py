@@ -65,7 +65,7 @@ def _parsed_form(request: HttpRequest) -> bytes:
     return canonical_json({"fields": fields, "files": files})
 
 
-def _file_digest(upload: UploadedFile) -> list[Any]:
+def _file_digest(upload: UploadedFile[Any]) -> list[Any]:
     digest = hashlib.sha256()
     for chunk in upload.chunks():
         digest.update(chunk)

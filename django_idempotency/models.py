@@ -68,10 +68,10 @@ class IdempotencyKey(models.Model):
     class Meta:
         verbose_name = _("idempotency key")
         verbose_name_plural = _("idempotency keys")
-        constraints = [
-            models.UniqueConstraint(fields=["scope", "key"], name="idempotency_scope_key_uniq"),
-        ]
-        indexes = [models.Index(fields=["expires"], name="idempotency_expires_idx")]
+        constraints = (
+            models.UniqueConstraint(fields=("scope", "key"), name="idempotency_scope_key_uniq"),
+        )
+        indexes = (models.Index(fields=("expires",), name="idempotency_expires_idx"),)
 
     def __str__(self) -> str:
         return f"{self.scope} / {self.key}"

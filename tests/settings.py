@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from typing import Any
 
 import dj_database_url
 
@@ -77,7 +78,7 @@ CACHES = {
     "redis": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": REDIS_URL},
 }
 
-REST_FRAMEWORK = {
+REST_FRAMEWORK: dict[str, Any] = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.BasicAuthentication",

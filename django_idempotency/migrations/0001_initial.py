@@ -6,38 +6,109 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='IdempotencyKey',
+            name="IdempotencyKey",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('scope', django_idempotency.models.ExactCharField(help_text='Namespace of the key, by default the user.', max_length=255, verbose_name='scope')),
-                ('key', django_idempotency.models.ExactCharField(max_length=255, verbose_name='key')),
-                ('fingerprint', models.CharField(help_text='SHA-256 of the request.', max_length=64, verbose_name='fingerprint')),
-                ('method', models.CharField(blank=True, max_length=16, verbose_name='method')),
-                ('path', models.TextField(blank=True, verbose_name='path')),
-                ('state', models.CharField(choices=[('in_progress', 'in progress'), ('completed', 'completed')], default='in_progress', max_length=16, verbose_name='state')),
-                ('token', models.CharField(help_text='Fencing token of the claim that owns the key.', max_length=32, verbose_name='owner token')),
-                ('locked_until', models.DateTimeField(blank=True, help_text='End of the lease of an in-progress claim (lease mode).', null=True, verbose_name='locked until')),
-                ('attempts', models.PositiveIntegerField(default=1, help_text='Claims of this key, takeovers included.', verbose_name='attempts')),
-                ('response_status', models.PositiveSmallIntegerField(blank=True, null=True, verbose_name='response status')),
-                ('response_headers', models.JSONField(blank=True, default=list, verbose_name='response headers')),
-                ('response_body', models.BinaryField(blank=True, default=b'', verbose_name='response body')),
-                ('created', models.DateTimeField(default=django.utils.timezone.now, verbose_name='created')),
-                ('completed', models.DateTimeField(blank=True, null=True, verbose_name='completed')),
-                ('expires', models.DateTimeField(verbose_name='expires')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "scope",
+                    django_idempotency.models.ExactCharField(
+                        help_text="Namespace of the key, by default the user.",
+                        max_length=255,
+                        verbose_name="scope",
+                    ),
+                ),
+                (
+                    "key",
+                    django_idempotency.models.ExactCharField(max_length=255, verbose_name="key"),
+                ),
+                (
+                    "fingerprint",
+                    models.CharField(
+                        help_text="SHA-256 of the request.",
+                        max_length=64,
+                        verbose_name="fingerprint",
+                    ),
+                ),
+                ("method", models.CharField(blank=True, max_length=16, verbose_name="method")),
+                ("path", models.TextField(blank=True, verbose_name="path")),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[("in_progress", "in progress"), ("completed", "completed")],
+                        default="in_progress",
+                        max_length=16,
+                        verbose_name="state",
+                    ),
+                ),
+                (
+                    "token",
+                    models.CharField(
+                        help_text="Fencing token of the claim that owns the key.",
+                        max_length=32,
+                        verbose_name="owner token",
+                    ),
+                ),
+                (
+                    "locked_until",
+                    models.DateTimeField(
+                        blank=True,
+                        help_text="End of the lease of an in-progress claim (lease mode).",
+                        null=True,
+                        verbose_name="locked until",
+                    ),
+                ),
+                (
+                    "attempts",
+                    models.PositiveIntegerField(
+                        default=1,
+                        help_text="Claims of this key, takeovers included.",
+                        verbose_name="attempts",
+                    ),
+                ),
+                (
+                    "response_status",
+                    models.PositiveSmallIntegerField(
+                        blank=True, null=True, verbose_name="response status"
+                    ),
+                ),
+                (
+                    "response_headers",
+                    models.JSONField(blank=True, default=list, verbose_name="response headers"),
+                ),
+                (
+                    "response_body",
+                    models.BinaryField(blank=True, default=b"", verbose_name="response body"),
+                ),
+                (
+                    "created",
+                    models.DateTimeField(default=django.utils.timezone.now, verbose_name="created"),
+                ),
+                (
+                    "completed",
+                    models.DateTimeField(blank=True, null=True, verbose_name="completed"),
+                ),
+                ("expires", models.DateTimeField(verbose_name="expires")),
             ],
             options={
-                'verbose_name': 'idempotency key',
-                'verbose_name_plural': 'idempotency keys',
-                'indexes': [models.Index(fields=['expires'], name='idempotency_expires_idx')],
-                'constraints': [models.UniqueConstraint(fields=('scope', 'key'), name='idempotency_scope_key_uniq')],
+                "verbose_name": "idempotency key",
+                "verbose_name_plural": "idempotency keys",
+                "indexes": [models.Index(fields=["expires"], name="idempotency_expires_idx")],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("scope", "key"), name="idempotency_scope_key_uniq"
+                    )
+                ],
             },
         ),
     ]

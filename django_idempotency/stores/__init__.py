@@ -63,8 +63,6 @@ class Store:
         raise NotImplementedError
 
 
-
-
 def get_store(alias: str) -> Store:
     """The store configured under ``alias`` in ``IDEMPOTENCY_STORES``."""
     try:

@@ -211,9 +211,7 @@ class DatabaseStore(Store):
         try:
             # A savepoint, so that a collision leaves the transaction usable.
             with transaction.atomic(using=self.db):
-                IdempotencyKey.objects.using(self.db).create(
-                    **_new_row(call, policy, token, now)
-                )
+                IdempotencyKey.objects.using(self.db).create(**_new_row(call, policy, token, now))
         except IntegrityError:
             return False
         return True
@@ -342,9 +340,7 @@ def _lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> Iterator[None
     finally:
         with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
             if vendor == "mysql":
-                cursor.execute(
-                    "SET @@SESSION.innodb_lock_wait_timeout = @idempotency_saved_wait"
-                )
+                cursor.execute("SET @@SESSION.innodb_lock_wait_timeout = @idempotency_saved_wait")
             elif vendor == "sqlite":
                 cursor.execute(f"PRAGMA busy_timeout = {int(saved)}")
 

@@ -15,6 +15,7 @@ import hashlib
 from typing import Any
 
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Field
 
 from django_idempotency.engine import Call
 from django_idempotency.exceptions import RequestInProgress
@@ -61,21 +62,32 @@ def wait_for(connection: BaseDatabaseWrapper, call: Call, seconds: float, retry_
 
 
 def _claim_sql(connection: BaseDatabaseWrapper, values: dict[str, Any]) -> tuple[str, list[Any]]:
-    meta = IdempotencyKey._meta
     quote = connection.ops.quote_name
     columns, casts, params = [], [], []
     for name, value in values.items():
-        field = meta.get_field(name)
-        columns.append(quote(field.column))  # type: ignore[union-attr]
+        field = _field(name)
+        columns.append(quote(_column(field)))
         # Explicit casts: in INSERT ... SELECT the parameters carry no type.
-        casts.append(f"CAST(%s AS {field.db_type(connection)})")  # type: ignore[union-attr]
-        params.append(field.get_db_prep_save(value, connection))  # type: ignore[union-attr]
-    unique = ", ".join(quote(meta.get_field(name).column) for name in ("scope", "key"))  # type: ignore[union-attr]
+        casts.append(f"CAST(%s AS {field.db_type(connection)})")
+        params.append(field.get_db_prep_save(value, connection))
+    unique = ", ".join(quote(_column(_field(name))) for name in ("scope", "key"))
+    table = quote(IdempotencyKey._meta.db_table)
     sql = (
         "WITH lock AS (SELECT pg_try_advisory_xact_lock(%s) AS acquired), "
-        f"claimed AS (INSERT INTO {quote(meta.db_table)} ({', '.join(columns)}) "
+        f"claimed AS (INSERT INTO {table} ({', '.join(columns)}) "
         f"SELECT {', '.join(casts)} FROM lock WHERE lock.acquired "
         f"ON CONFLICT ({unique}) DO NOTHING RETURNING 1) "
         "SELECT lock.acquired, EXISTS (SELECT 1 FROM claimed) FROM lock"
     )
     return sql, params
+
+
+def _field(name: str) -> Field[Any, Any]:
+    field = IdempotencyKey._meta.get_field(name)
+    assert isinstance(field, Field)
+    return field
+
+
+def _column(field: Field[Any, Any]) -> str:
+    assert field.column is not None  # a concrete field always has one
+    return field.column
