@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from django.test import Client
 
+from benchmarks.statements import DatabaseClock
+
 BODY = b'{"item": "book"}'
 HEADER = "Idempotency-Key"
 REPLAYED = "Idempotent-Replayed"
@@ -55,6 +57,8 @@ class Sample:
     """Latencies (seconds) of a variant's requests and the time they took."""
 
     latencies: list[float] = field(default_factory=list)
+    #: Of each latency, the time spent waiting on the database (in-process only).
+    database: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     statuses: Counter[int] = field(default_factory=Counter)
     unexpected: int = 0
@@ -67,6 +71,7 @@ class Sample:
 
     def merge(self, other: Sample) -> None:
         self.latencies += other.latencies
+        self.database += other.database
         self.statuses += other.statuses
         self.unexpected += other.unexpected
         self.elapsed += other.elapsed
@@ -82,21 +87,41 @@ class Sample:
         return statistics.quantiles(self.latencies, n=100, method="inclusive")[98]
 
     @property
+    def database_median(self) -> float | None:
+        return statistics.median(self.database) if self.database else None
+
+    @property
+    def elsewhere_median(self) -> float | None:
+        """Median time not spent on the database: Python, mostly."""
+        if not self.database:
+            return None
+        return statistics.median(a - b for a, b in zip(self.latencies, self.database, strict=True))
+
+    @property
     def throughput(self) -> float:
         """Requests per second of wall-clock time."""
         return len(self.latencies) / self.elapsed if self.elapsed else 0.0
 
 
-def run_in_process(client: Client, variant: Variant, requests: int) -> Sample:
-    """``requests`` sequential requests through a ``django.test.Client``."""
+def run_in_process(
+    client: Client, variant: Variant, requests: int, clock: DatabaseClock | None = None
+) -> Sample:
+    """``requests`` sequential requests through a ``django.test.Client``.
+
+    With a ``clock``, each request's time on the database is recorded too.
+    """
     sample = Sample()
     started = time.perf_counter()
     for _ in range(requests):
         headers = variant.headers()
+        if clock is not None:
+            clock.seconds = 0.0
         before = time.perf_counter()
         response = client.post(variant.path, BODY, content_type="application/json", headers=headers)
         latency = time.perf_counter() - before
         sample.record(variant, latency, response.status_code, response.get(REPLAYED) == "true")
+        if clock is not None:
+            sample.database.append(clock.seconds)
     sample.elapsed = time.perf_counter() - started
     return sample
 

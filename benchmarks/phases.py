@@ -23,7 +23,7 @@ from benchmarks.clients import (
     stored_key,
 )
 from benchmarks.server import gunicorn
-from benchmarks.statements import Statements, capture
+from benchmarks.statements import DatabaseClock, Statements, capture
 
 PLAIN = Variant("plain view", "/plain/", no_key)
 PLAIN_IN_TRANSACTION = Variant("plain view in transaction.atomic", "/plain-in-transaction/", no_key)
@@ -114,11 +114,11 @@ def in_process(client: Client, variants: list[Variant], budget: Budget) -> dict[
     samples = {variant.label: Sample() for variant in variants}
     for variant in variants:
         run_in_process(client, variant, max(5, budget.in_process_requests // 5))
-    for _ in range(budget.rounds):
-        for variant in variants:
-            samples[variant.label].merge(
-                run_in_process(client, variant, budget.in_process_requests)
-            )
+    with DatabaseClock(connections[DEFAULT_DB_ALIAS]).installed() as clock:
+        for _ in range(budget.rounds):
+            for variant in variants:
+                sample = run_in_process(client, variant, budget.in_process_requests, clock)
+                samples[variant.label].merge(sample)
     return samples
 
 

@@ -19,11 +19,16 @@ MAX_FIRST_EXECUTION_RATIO = 1.15
 MAX_SCALE_RATIO = 1.1
 
 
-def machine() -> list[str]:
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the machine was."""
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def machine(load_at_start: str) -> list[str]:
     return [
         f"- CPU: {os.cpu_count()} cores (`nproc`: {len(os.sched_getaffinity(0))}), {_cpu_model()}",
-        f"- OS: {platform.system()} {platform.release()}; load average at the end: {load}",
+        f"- OS: {platform.system()} {platform.release()}; load average (1 / 5 / 15 min) "
+        f"at the start {load_at_start}, at the end {load_average()}",
         f"- Python {platform.python_version()}, Django {version('django')}, "
         f"gunicorn {version('gunicorn')}, {_driver()}",
         f"- Database: {_database_version()}",
@@ -31,9 +36,9 @@ def machine() -> list[str]:
     ]
 
 
-def render(results: Results, *, title: str, workers: int, quick: bool) -> str:
+def render(results: Results, *, title: str, workers: int, quick: bool, load_at_start: str) -> str:
     lines = [f"### {title}", ""]
-    lines += machine()
+    lines += machine(load_at_start)
     lines += [
         f"- gunicorn: {workers} sync workers; client: Python threads, one connection per request",
         f"- Budget: {'--quick (smoke run, figures not meaningful)' if quick else 'full'}",
@@ -74,28 +79,32 @@ def _statements(results: Results) -> list[str]:
 
 def _latency(title: str, samples: dict[str, Sample]) -> list[str]:
     plain = samples[PLAIN.label]
-    lines = [
-        f"#### {title}",
-        "",
-        "| request | requests | median ms | p99 ms | req/s | median / plain | p99 / plain "
-        "| unexpected answers |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|",
-    ]
+    split = plain.database_median is not None
+    header = "| request | requests | median ms | p99 ms | req/s | median / plain | p99 / plain "
+    rule = "|---|--:|--:|--:|--:|--:|--:|"
+    if split:
+        header += "| median ms waiting on SQL | median ms elsewhere (Python, Redis) "
+        rule += "--:|--:|"
+    lines = [f"#### {title}", "", header + "| unexpected answers |", rule + "--:|"]
     for label, sample in samples.items():
-        lines.append(_latency_row(label, sample, plain))
+        lines.append(_latency_row(label, sample, plain, split=split))
     return [*lines, ""]
 
 
-def _latency_row(label: str, sample: Sample, plain: Sample) -> str:
+def _latency_row(label: str, sample: Sample, plain: Sample, *, split: bool) -> str:
     unexpected = "0"
     if sample.unexpected:
         statuses = ", ".join(f"{status}: {n}" for status, n in sorted(sample.statuses.items()))
         unexpected = f"{sample.unexpected} ({statuses})"
-    return (
+    row = (
         f"| {label} | {len(sample.latencies)} | {sample.median * 1000:.2f} "
         f"| {sample.p99 * 1000:.2f} | {sample.throughput:.0f} "
-        f"| {sample.median / plain.median:.2f} | {sample.p99 / plain.p99:.2f} | {unexpected} |"
+        f"| {sample.median / plain.median:.2f} | {sample.p99 / plain.p99:.2f} "
     )
+    if split:
+        row += f"| {(sample.database_median or 0) * 1000:.2f} "
+        row += f"| {(sample.elsewhere_median or 0) * 1000:.2f} "
+    return row + f"| {unexpected} |"
 
 
 def _scaling(results: Results) -> list[str]:

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = phases.QUICK if args.quick else phases.FULL
     with_redis = "redis" in settings.IDEMPOTENCY_STORES
     name = connection.settings_dict["NAME"]
+    load_at_start = report.load_average()
     connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
     try:
         _clear_redis(with_redis)
@@ -79,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         _step(f"purge of {budget.purge_keys:,} expired keys")
         phases.purge(budget, results)
         title = f"{connection.vendor} ({time.strftime('%Y-%m-%d')})"
-        markdown = report.render(results, title=title, workers=args.workers, quick=args.quick)
+        markdown = report.render(
+            results,
+            title=title,
+            workers=args.workers,
+            quick=args.quick,
+            load_at_start=load_at_start,
+        )
     finally:
         _clear_redis(with_redis)
         if not args.keep:

@@ -1,11 +1,13 @@
-"""Counting the SQL statements a request runs, transaction control included."""
+"""The SQL statements a request runs, transaction control included, and their time."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.test.utils import CaptureQueriesContext
@@ -58,3 +60,39 @@ def capture(connection: BaseDatabaseWrapper) -> Iterator[list[Statements]]:
 def _shorten(sql: str, width: int) -> str:
     sql = " ".join(sql.split())
     return sql if len(sql) <= width else sql[: width - 1] + "…"
+
+
+class DatabaseClock:
+    """Wall time spent waiting on the database: statements, BEGIN and COMMIT.
+
+    Statements are timed by an execute wrapper; BEGIN and COMMIT (or
+    ROLLBACK), which Django sends outside cursors, by wrapping the
+    connection's methods while the clock is installed.
+    """
+
+    def __init__(self, connection: BaseDatabaseWrapper) -> None:
+        self.connection = connection
+        self.seconds = 0.0
+
+    def _timed(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            before = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - before
+
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[DatabaseClock]:
+        names = ("commit", "rollback", "set_autocommit")
+        for name in names:
+            setattr(self.connection, name, self._timed(getattr(self.connection, name)))
+        wrapper = self._timed(lambda execute, *args: execute(*args))
+        try:
+            with self.connection.execute_wrapper(wrapper):
+                yield self
+        finally:
+            for name in names:
+                delattr(self.connection, name)  # back to the class's methods
