@@ -74,8 +74,9 @@ lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# NO_MKDOCS_2_WARNING: Material's banner about its successor, printed on every build.
 docs: $(VENV)/.installed-docs
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(VENV)/.installed-bench $(BENCH_DRIVERS)
 	@mkdir -p build

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from django.core.files.uploadedfile import UploadedFile
 from django.http import HttpRequest
 from django.http.request import RawPostDataException
@@ -30,6 +32,10 @@ def request_body(request: HttpRequest) -> bytes:
     if request.content_type == "multipart/form-data":
         # Clients draw a new random boundary for every request they build, so
         # a retry's raw bytes differ: hash the parsed fields and files instead.
+        # Read the body first where Django allows it: parsing the form would
+        # otherwise consume the stream and take request.body from the view.
+        with contextlib.suppress(RawPostDataException, RequestDataTooBig):
+            request.body  # noqa: B018  (cached on the request)
         return _parsed_form(request)
     try:
         body = request.body
