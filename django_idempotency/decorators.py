@@ -20,7 +20,7 @@ from django.http.response import HttpResponseBase
 
 from django_idempotency import engine
 from django_idempotency.conf import app_settings, load_callable, to_seconds
-from django_idempotency.engine import Call, Policy, Replayed, Snapshot
+from django_idempotency.engine import Call, Executed, Policy, Replayed, Snapshot
 from django_idempotency.exceptions import IdempotencyError, KeyMalformed, KeyMissing
 from django_idempotency.keys import MAX_KEY_LENGTH, parse_key
 from django_idempotency.responses import conclude, problem_response, replay_response
@@ -109,10 +109,13 @@ def protect(
         outcome = engine.run(call, options.policy(), view, partial(conclude, request))
     except IdempotencyError as error:
         return problem_response(error)
+    return _response(outcome)
+
+
+def _response(outcome: Executed[HttpResponseBase] | Replayed) -> HttpResponseBase:
     if isinstance(outcome, Replayed):
         return replay_response(outcome.snapshot)
-    response: HttpResponseBase = outcome.result
-    return response
+    return outcome.result
 
 
 @overload
@@ -215,10 +218,7 @@ async def protect_async(
         outcome = await engine.run_async(call, policy, view, partial(conclude, request))
     except IdempotencyError as error:
         return problem_response(error)
-    if isinstance(outcome, Replayed):
-        return replay_response(outcome.snapshot)
-    response: HttpResponseBase = outcome.result
-    return response
+    return _response(outcome)
 
 
 # Idempotent functions ------------------------------------------------------

@@ -156,10 +156,7 @@ class DatabaseStore(Store):
                     continue  # the holder rolled back: wait for whoever claims next
                 if inserted:
                     return Claim(call, token)
-                row = self._existing(call)
-                if row is None:
-                    continue  # purged since the insert collided: try again
-                claim = self._claim_existing(row, call, policy, token, now)
+                claim = self._claim_existing(self._existing(call), call, policy, token, now)
                 if claim is not None:
                     return claim
         raise RequestInProgress(retry_after=policy.retry_after)
@@ -197,8 +194,6 @@ class DatabaseStore(Store):
                 # final, anything else is theirs to decide.
                 postgresql.wait_for(connection, call, policy.wait, policy.retry_after)
                 continue
-            if row is None:
-                continue  # purged since the insert collided: try again
             claim = self._claim_existing(row, call, policy, token, now)
             if claim is not None:
                 return claim
@@ -217,9 +212,15 @@ class DatabaseStore(Store):
         return True
 
     def _claim_existing(
-        self, row: IdempotencyKey, call: Call, policy: Policy, token: str, now: datetime
+        self, row: IdempotencyKey | None, call: Call, policy: Policy, token: str, now: datetime
     ) -> Claim | None:
-        """Decide about a committed row; ``None`` when it changed under us."""
+        """Decide about the committed row the insert collided with.
+
+        ``None`` when it changed under us (taken over, or purged since the
+        collision): the claim then starts over.
+        """
+        if row is None:
+            return None
         live_lease = (
             row.state == State.IN_PROGRESS
             and row.locked_until is not None
