@@ -70,7 +70,7 @@ def _statements(results: Results) -> list[str]:
             f"| {label} | {len(statements.sql)} | {kinds['transaction']} | {kinds['setting']} "
             f"| {kinds['data']} | {statements.beyond_transaction_control} | {added:+d} |"
         )
-    lines += ["", "<details><summary>The statements</summary>", ""]
+    lines += ["", '<details markdown="1"><summary>The statements</summary>', ""]
     for label, statements in results.statements.items():
         lines += [f"{label}:", "", "```sql", *statements.outline(), "```", ""]
     lines += ["</details>", ""]

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         results.scaling = phases.scaling(client, budget)
         _step(f"purge of {budget.purge_keys:,} expired keys")
         phases.purge(budget, results)
-        title = f"{connection.vendor} ({time.strftime('%Y-%m-%d')})"
+        title = f"{connection.display_name}, {time.strftime('%Y-%m-%d %H:%M')}"
         markdown = report.render(
             results,
             title=title,
