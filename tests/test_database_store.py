@@ -39,7 +39,9 @@ def _forget_connection() -> None:
 
 
 def _post(path: str, data: dict[str, Any], key: str = "lost-1") -> Any:
-    return Client().post(path, data, content_type="application/json", headers={"Idempotency-Key": key})
+    return Client().post(
+        path, data, content_type="application/json", headers={"Idempotency-Key": key}
+    )
 
 
 @pytest.fixture(autouse=True)

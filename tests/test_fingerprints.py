@@ -139,10 +139,14 @@ def test_fingerprint_setting(client: Client, settings: Any) -> None:
 
 def _multipart_with_boundary(boundary: str, content: bytes) -> Any:
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
-        f'--{boundary}\r\nContent-Disposition: form-data; name="doc"; filename="a.txt"\r\n'
-        f"Content-Type: text/plain\r\n\r\n"
-    ).encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="doc"; filename="a.txt"\r\n'
+            f"Content-Type: text/plain\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return RequestFactory().post(
         "/upload/", body, content_type=f"multipart/form-data; boundary={boundary}"
     )
@@ -157,5 +161,7 @@ def test_multipart_retry_with_a_new_boundary_has_the_same_fingerprint() -> None:
 
 def test_multipart_files_count_by_content_and_stay_readable() -> None:
     request = _multipart_with_boundary("b1", b"one")
-    assert request_fingerprint(request) != request_fingerprint(_multipart_with_boundary("b1", b"two"))
+    assert request_fingerprint(request) != request_fingerprint(
+        _multipart_with_boundary("b1", b"two")
+    )
     assert request.FILES["doc"].read() == b"one"
