@@ -12,6 +12,7 @@ and ``migrate`` on a new SQLite file.
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import importlib.metadata
 import os
@@ -197,7 +198,8 @@ def test_installed_wheel_checks_and_migrates_the_example_project(
     run(python, "manage.py", "check", "--fail-level", "WARNING", cwd=project, env=env)
     run(python, "manage.py", "migrate", "--no-input", cwd=project, env=env)
 
-    with sqlite3.connect(database) as connection:
+    # sqlite3's own context manager commits but does not close.
+    with contextlib.closing(sqlite3.connect(database)) as connection:
         applied = {
             name
             for (name,) in connection.execute(
