@@ -72,6 +72,7 @@ matrix: $(VENV)/.installed-nox
 
 lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 # NO_MKDOCS_2_WARNING: Material's banner about its successor, printed on every build.
