@@ -140,7 +140,8 @@ def nodrf(session: nox.Session, django: str) -> None:
 
 @nox.session(python=NEWEST_PYTHON)
 def lint(session: nox.Session) -> None:
-    """ruff and mypy."""
+    """ruff (lint and format) and mypy, as ``make lint``."""
     session.install("-e", ".[drf,redis]", *nox.project.dependency_groups(PYPROJECT, "test", "lint"))
     session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
     session.run("mypy")
