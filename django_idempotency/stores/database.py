@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,7 +26,7 @@ from django_idempotency import signals
 from django_idempotency.engine import ATOMIC, Call, Claim, Policy, Snapshot
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
 from django_idempotency.models import IdempotencyKey
-from django_idempotency.stores import Store, postgresql
+from django_idempotency.stores import Store, postgresql, sql
 
 logger = logging.getLogger("django_idempotency")
 
@@ -79,17 +79,20 @@ class DatabaseStore(Store):
 
     def claim(self, call: Call, policy: Policy) -> Claim:
         connection = transaction.get_connection(self.db)
-        if connection.vendor == "postgresql":
-            claim_in_transaction = self._claim_postgresql
-        else:
-            claim_in_transaction = self._claim
+        vendor = connection.vendor
         try:
             with self._reachable():
+                if vendor == "postgresql":
+                    # One statement: needs no transaction of its own.
+                    return self._claim_postgresql(call, policy)
+                if vendor == "sqlite":
+                    # No row locks: the insert either claims or finds the row.
+                    return self._claim(call, policy, self._insert_sqlite)
                 if policy.mode == ATOMIC:
                     # The caller's transaction (see Store.atomic) holds the claim.
-                    return claim_in_transaction(call, policy)
+                    return self._claim(call, policy, self._insert)
                 with transaction.atomic(using=self.db):
-                    return claim_in_transaction(call, policy)
+                    return self._claim(call, policy, self._insert)
         except OperationalError as exc:
             # Waited as long as allowed for the transaction that holds the key.
             raise RequestInProgress(retry_after=policy.retry_after) from exc
@@ -98,21 +101,28 @@ class DatabaseStore(Store):
         # One statement, conditional on the token: atomic with or without a
         # surrounding transaction, and a no-op for a claim that was taken over.
         now = timezone.now()
-        with self._reachable():
-            updated: int = self._owned(claim).update(
-                state=State.COMPLETED,
-                locked_until=None,
-                response_status=snapshot.status,
-                response_headers=[list(header) for header in snapshot.headers],
-                response_body=snapshot.body,
-                completed=now,
-                expires=now + timedelta(seconds=policy.retention),
-            )
+        connection = transaction.get_connection(self.db)
+        params = sql.completion_params(
+            connection,
+            status=snapshot.status,
+            headers=[list(header) for header in snapshot.headers],
+            body=snapshot.body,
+            completed=now,
+            expires=now + timedelta(seconds=policy.retention),
+            scope=claim.call.scope,
+            key=claim.call.key,
+            token=claim.token,
+        )
+        with self._reachable(), connection.cursor() as cursor:
+            cursor.execute(sql.statements(connection).complete, params)
+            updated: int = cursor.rowcount
         return updated == 1
 
     def release(self, claim: Claim) -> None:
-        with self._reachable():
-            self._owned(claim).delete()
+        connection = transaction.get_connection(self.db)
+        params = [claim.call.scope, claim.call.key, claim.token]
+        with self._reachable(), connection.cursor() as cursor:
+            cursor.execute(sql.statements(connection).release, params)
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -137,26 +147,26 @@ class DatabaseStore(Store):
                 raise
             raise StoreUnavailable(f"Database {self.db!r} is unavailable: {exc}") from exc
 
-    def _owned(self, claim: Claim) -> Any:
-        return IdempotencyKey.objects.using(self.db).filter(
-            scope=claim.call.scope, key=claim.call.key, token=claim.token
-        )
-
-    def _claim(self, call: Call, policy: Policy) -> Claim:
+    def _claim(
+        self, call: Call, policy: Policy, insert: Callable[[dict[str, Any]], bool]
+    ) -> Claim:
+        connection = transaction.get_connection(self.db)
         # Contention shows as a lock wait on the unique index, bounded here.
-        with _lock_wait(transaction.get_connection(self.db), policy.wait):
+        with _lock_wait(connection, policy.wait):
             for _ in range(_CLAIM_ROUNDS):
                 token = uuid.uuid4().hex
                 now = timezone.now()
                 try:
-                    inserted = self._insert(call, policy, token, now)
+                    inserted = insert(_new_row(call, policy, token, now))
                 except OperationalError as exc:
                     if not self._restart_after_deadlock(exc):
                         raise
                     continue  # the holder rolled back: wait for whoever claims next
                 if inserted:
                     return Claim(call, token)
-                claim = self._claim_existing(self._existing(call), call, policy, token, now)
+                with connection.cursor() as cursor:
+                    row = sql.fetch_row(connection, cursor, call.scope, call.key)
+                claim = self._claim_existing(row, call, policy, token, now)
                 if claim is not None:
                     return claim
         raise RequestInProgress(retry_after=policy.retry_after)
@@ -185,10 +195,9 @@ class DatabaseStore(Store):
         for _ in range(_CLAIM_ROUNDS):
             token = uuid.uuid4().hex
             now = timezone.now()
-            inserted = postgresql.insert(connection, call, _new_row(call, policy, token, now))
+            inserted, row = postgresql.insert(connection, call, _new_row(call, policy, token, now))
             if inserted is postgresql.Inserted.CLAIMED:
                 return Claim(call, token)
-            row = self._existing(call)
             if inserted is postgresql.Inserted.CONTENDED and not _is_final(row, now):
                 # Someone is claiming the key right now; a completed row is
                 # final, anything else is theirs to decide.
@@ -199,20 +208,30 @@ class DatabaseStore(Store):
                 return claim
         raise RequestInProgress(retry_after=policy.retry_after)
 
-    def _existing(self, call: Call) -> IdempotencyKey | None:
-        return IdempotencyKey.objects.using(self.db).filter(scope=call.scope, key=call.key).first()
-
-    def _insert(self, call: Call, policy: Policy, token: str, now: datetime) -> bool:
+    def _insert(self, values: dict[str, Any]) -> bool:
+        connection = transaction.get_connection(self.db)
+        params = sql.new_row_params(connection, values)
         try:
             # A savepoint, so that a collision leaves the transaction usable.
-            with transaction.atomic(using=self.db):
-                IdempotencyKey.objects.using(self.db).create(**_new_row(call, policy, token, now))
+            with transaction.atomic(using=self.db), connection.cursor() as cursor:
+                cursor.execute(sql.statements(connection).insert, params)
         except IntegrityError:
             return False
         return True
 
+    def _insert_sqlite(self, values: dict[str, Any]) -> bool:
+        connection = transaction.get_connection(self.db)
+        statements = sql.statements(connection)
+        params = sql.new_row_params(connection, values)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"{statements.insert} ON CONFLICT ({statements.unique_columns}) DO NOTHING", params
+            )
+            inserted: bool = cursor.rowcount == 1
+        return inserted
+
     def _claim_existing(
-        self, row: IdempotencyKey | None, call: Call, policy: Policy, token: str, now: datetime
+        self, row: sql.Row | None, call: Call, policy: Policy, token: str, now: datetime
     ) -> Claim | None:
         """Decide about the committed row the insert collided with.
 
@@ -240,6 +259,11 @@ class DatabaseStore(Store):
             assert row.locked_until is not None
             left = (row.locked_until - now).total_seconds()
             raise RequestInProgress(retry_after=math.ceil(left))
+        if row.locked_until is None:
+            # An atomic-mode claim is never committed in progress: this is the
+            # caller's own transaction, claiming the key a second time from
+            # inside the code the first claim protects.
+            raise RequestInProgress(retry_after=policy.retry_after)
         # An in-progress claim whose lease ended: its worker died or stalled.
         claim = self._take_over(row, call, policy, token, now, {"attempts": F("attempts") + 1})
         if claim is not None:
@@ -249,7 +273,7 @@ class DatabaseStore(Store):
 
     def _take_over(
         self,
-        row: IdempotencyKey,
+        row: sql.Row,
         call: Call,
         policy: Policy,
         token: str,
@@ -280,7 +304,7 @@ class DatabaseStore(Store):
         return Claim(call, token) if updated == 1 else None
 
 
-def _snapshot(row: IdempotencyKey) -> Snapshot:
+def _snapshot(row: sql.Row) -> Snapshot:
     return Snapshot(
         status=row.response_status or 0,
         headers=tuple((str(name), str(value)) for name, value in row.response_headers),
@@ -306,7 +330,7 @@ def _new_row(call: Call, policy: Policy, token: str, now: datetime) -> dict[str,
     }
 
 
-def _is_final(row: IdempotencyKey | None, now: datetime) -> bool:
+def _is_final(row: sql.Row | None, now: datetime) -> bool:
     """Whether ``row`` is a completed, unexpired outcome: replayed as it is."""
     return row is not None and row.state == State.COMPLETED and row.expires > now
 
@@ -321,6 +345,10 @@ def _lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> Iterator[None
     """Bound how long statements wait for a lock held by another transaction."""
     # (PostgreSQL claims through stores/postgresql.py, which bounds its own wait.)
     vendor = connection.vendor
+    if vendor == "sqlite" and seconds <= 0:
+        # Only ever raised, never lowered (see below): nothing to do.
+        yield
+        return
     with connection.cursor() as cursor:
         if vendor == "mysql":
             minimum = 0 if connection.mysql_is_mariadb else 1  # type: ignore[attr-defined]

@@ -3,9 +3,14 @@
 A transaction-level advisory lock on a 64-bit hash of (scope, key) says who is
 claiming a key right now. The claim statement takes it without waiting and,
 only if it got it, inserts the row (``ON CONFLICT DO NOTHING``), so it never
-blocks behind another transaction's uncommitted row of the same key. Only when
-the key is contended and the caller chose to wait does a bounded wait happen,
-on the advisory lock itself.
+blocks behind another transaction's uncommitted row of the same key. When it
+inserted nothing, the same statement returns the row that holds the key, so a
+replay needs no second statement. Only when the key is contended and the
+caller chose to wait does a bounded wait happen, on the advisory lock itself.
+
+The statement needs no surrounding transaction: in autocommit (lease mode)
+the lock lasts for the statement, which is all it has to cover there, since
+the row it inserts is committed when the statement ends.
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ import enum
 import hashlib
 from typing import Any
 
+from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Field
 
 from django_idempotency.engine import Call
 from django_idempotency.exceptions import RequestInProgress
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.stores import sql
 
 
 class Inserted(enum.Enum):
@@ -37,14 +42,24 @@ def lock_id(call: Call) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def insert(connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any]) -> Inserted:
-    sql, params = _claim_sql(connection, values)
+def insert(
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any]
+) -> tuple[Inserted, sql.Row | None]:
+    """Claim ``call``'s key with the new row ``values``.
+
+    Returns what happened and, unless the row was inserted, the row holding
+    the key as this statement saw it (``None`` if it saw none: purged, or
+    committed by another claim after this statement began).
+    """
+    statement = _claim_sql(connection)
+    params = [lock_id(call), *sql.new_row_params(connection, values), call.scope, call.key]
     with connection.cursor() as cursor:
-        cursor.execute(sql, [lock_id(call), *params])
-        acquired, inserted = cursor.fetchone()
+        cursor.execute(statement, params)
+        acquired, inserted, *row = cursor.fetchone()
     if inserted:
-        return Inserted.CLAIMED
-    return Inserted.TAKEN if acquired else Inserted.CONTENDED
+        return Inserted.CLAIMED, None
+    found = None if row[0] is None else sql.to_row(connection, row)
+    return (Inserted.TAKEN if acquired else Inserted.CONTENDED), found
 
 
 def wait_for(connection: BaseDatabaseWrapper, call: Call, seconds: float, retry_after: int) -> None:
@@ -55,39 +70,36 @@ def wait_for(connection: BaseDatabaseWrapper, call: Call, seconds: float, retry_
     """
     if seconds <= 0:
         raise RequestInProgress(retry_after=retry_after)
-    with connection.cursor() as cursor:
+    # SET LOCAL and the lock need a transaction: the caller's, or one of their own.
+    with transaction.atomic(using=connection.alias, savepoint=False), connection.cursor() as cursor:
         cursor.execute("SET LOCAL lock_timeout = %s", [f"{max(1, int(seconds * 1000))}ms"])
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id(call)])
         cursor.execute("SET LOCAL lock_timeout TO DEFAULT")
 
 
-def _claim_sql(connection: BaseDatabaseWrapper, values: dict[str, Any]) -> tuple[str, list[Any]]:
-    quote = connection.ops.quote_name
-    columns, casts, params = [], [], []
-    for name, value in values.items():
-        field = _field(name)
-        columns.append(quote(_column(field)))
-        # Explicit casts: in INSERT ... SELECT the parameters carry no type.
-        casts.append(f"CAST(%s AS {field.db_type(connection)})")
-        params.append(field.get_db_prep_save(value, connection))
-    unique = ", ".join(quote(_column(_field(name))) for name in ("scope", "key"))
-    table = quote(IdempotencyKey._meta.db_table)
-    sql = (
+_sql: dict[str, str] = {}
+
+
+def _claim_sql(connection: BaseDatabaseWrapper) -> str:
+    built = _sql.get(connection.alias)
+    if built is None:
+        built = _sql[connection.alias] = _build_claim_sql(sql.statements(connection))
+    return built
+
+
+def _build_claim_sql(statements: sql.Statements) -> str:
+    # Explicit casts: in INSERT ... SELECT the parameters carry no type.
+    casts = ", ".join(f"CAST(%s AS {statements.db_types[name]})" for name in sql.NEW_ROW_COLUMNS)
+    column = statements.column
+    row = ", ".join(f"held.{column[name]}" for name in sql.ROW_COLUMNS)
+    return (
         "WITH lock AS (SELECT pg_try_advisory_xact_lock(%s) AS acquired), "
-        f"claimed AS (INSERT INTO {table} ({', '.join(columns)}) "
-        f"SELECT {', '.join(casts)} FROM lock WHERE lock.acquired "
-        f"ON CONFLICT ({unique}) DO NOTHING RETURNING 1) "
-        "SELECT lock.acquired, EXISTS (SELECT 1 FROM claimed) FROM lock"
+        f"claimed AS (INSERT INTO {statements.table} ({statements.new_row_columns}) "
+        f"SELECT {casts} FROM lock WHERE lock.acquired "
+        f"ON CONFLICT ({statements.unique_columns}) DO NOTHING RETURNING 1) "
+        f"SELECT lock.acquired, EXISTS (SELECT 1 FROM claimed), {row} FROM lock "
+        # The row that holds the key, when the insert did not happen. (The
+        # statement's snapshot never shows the row it inserts itself.)
+        f"LEFT JOIN {statements.table} held ON held.{column['scope']} = %s "
+        f"AND held.{column['key']} = %s"
     )
-    return sql, params
-
-
-def _field(name: str) -> Field[Any, Any]:
-    field = IdempotencyKey._meta.get_field(name)
-    assert isinstance(field, Field)
-    return field
-
-
-def _column(field: Field[Any, Any]) -> str:
-    assert field.column is not None  # a concrete field always has one
-    return field.column
