@@ -11,7 +11,7 @@ from importlib.metadata import version
 from django.db import connection
 
 from benchmarks.clients import Sample
-from benchmarks.phases import PLAIN, Results
+from benchmarks.phases import PLAIN, PLAIN_IN_TRANSACTION, Results
 from benchmarks.server import ROOT
 
 MAX_ADDED_STATEMENTS = 2
@@ -31,9 +31,16 @@ def machine(load_at_start: str) -> list[str]:
         f"at the start {load_at_start}, at the end {load_average()}",
         f"- Python {platform.python_version()}, Django {version('django')}, "
         f"gunicorn {version('gunicorn')}, {_driver()}",
-        f"- Database: {_database_version()}",
+        f"- Database: {_database_version()}; prepared statements: {_prepared()}",
         f"- Code measured: {_revision()}",
     ]
+
+
+def _prepared() -> str:
+    threshold = connection.settings_dict.get("OPTIONS", {}).get("prepare_threshold")
+    if connection.vendor != "postgresql":
+        return "n/a"
+    return "off (Django's default)" if threshold is None else f"prepare_threshold={threshold}"
 
 
 def render(results: Results, *, title: str, workers: int, quick: bool, load_at_start: str) -> str:
@@ -199,6 +206,12 @@ def _latency_targets(where: str, samples: dict[str, Sample]) -> list[str]:
             limit = MAX_FIRST_EXECUTION_RATIO
             text = f"{where}: {label}, median {ratio:.2f}x the plain view's (at most {limit})"
             lines.append(_target(text, ratio <= limit))
+            if PLAIN_IN_TRANSACTION.label in samples:
+                in_transaction = sample.median / samples[PLAIN_IN_TRANSACTION.label].median
+                lines.append(
+                    f"- for comparison: {where}: {label}, median {in_transaction:.2f}x the plain "
+                    "view's in `transaction.atomic()`, the transaction atomic mode needs"
+                )
         elif label.endswith("replay"):
             text = f"{where}: {label}, median {ratio:.2f}x the plain view's (below 1)"
             lines.append(_target(text, ratio < 1))

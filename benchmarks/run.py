@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: small and fast")
     parser.add_argument("--output", type=Path, help="also write the Markdown here")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument(
+        "--prepare-threshold",
+        type=int,
+        default=None,
+        help="PostgreSQL/psycopg 3: prepare statements after N executions (Django's OPTIONS)",
+    )
     args = parser.parse_args(argv)
     name = Path(urlsplit(args.database_url).path).name
     if "bench" not in name:
@@ -41,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def setup(args: argparse.Namespace) -> None:
     os.environ["BENCH_DATABASE_URL"] = args.database_url
     os.environ["BENCH_REDIS_URL"] = args.redis_url
+    os.environ["BENCH_PREPARE_THRESHOLD"] = _threshold(args)
     os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
     sys.path.insert(0, str(ROOT))
     import django
@@ -73,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         _step("in-process latency")
         results.in_process = phases.in_process(client, variants, budget)
         _step("HTTP latency (gunicorn)")
-        environ = {"BENCH_DATABASE_URL": args.database_url, "BENCH_REDIS_URL": args.redis_url}
+        environ = {
+            "BENCH_DATABASE_URL": args.database_url,
+            "BENCH_REDIS_URL": args.redis_url,
+            "BENCH_PREPARE_THRESHOLD": _threshold(args),
+        }
         results.http = phases.over_http(variants, budget, args.workers, environ)
         _step(f"stored keys: {budget.scale_sizes[0]:,} and {budget.scale_sizes[1]:,}")
         results.scaling = phases.scaling(client, budget)
@@ -99,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _STARTED = time.monotonic()
+
+
+def _threshold(args: argparse.Namespace) -> str:
+    return "" if args.prepare_threshold is None else str(args.prepare_threshold)
 
 
 def _step(text: str) -> None:

@@ -113,7 +113,7 @@ class DatabaseStore(Store):
             key=claim.call.key,
             token=claim.token,
         )
-        with self._reachable(), connection.cursor() as cursor:
+        with self._reachable(), sql.cursor(connection) as cursor:
             cursor.execute(sql.statements(connection).complete, params)
             updated: int = cursor.rowcount
         return updated == 1
@@ -121,7 +121,7 @@ class DatabaseStore(Store):
     def release(self, claim: Claim) -> None:
         connection = transaction.get_connection(self.db)
         params = [claim.call.scope, claim.call.key, claim.token]
-        with self._reachable(), connection.cursor() as cursor:
+        with self._reachable(), sql.cursor(connection) as cursor:
             cursor.execute(sql.statements(connection).release, params)
 
     @contextlib.contextmanager
@@ -147,9 +147,7 @@ class DatabaseStore(Store):
                 raise
             raise StoreUnavailable(f"Database {self.db!r} is unavailable: {exc}") from exc
 
-    def _claim(
-        self, call: Call, policy: Policy, insert: Callable[[dict[str, Any]], bool]
-    ) -> Claim:
+    def _claim(self, call: Call, policy: Policy, insert: Callable[[dict[str, Any]], bool]) -> Claim:
         connection = transaction.get_connection(self.db)
         # Contention shows as a lock wait on the unique index, bounded here.
         with _lock_wait(connection, policy.wait):
@@ -164,7 +162,7 @@ class DatabaseStore(Store):
                     continue  # the holder rolled back: wait for whoever claims next
                 if inserted:
                     return Claim(call, token)
-                with connection.cursor() as cursor:
+                with sql.cursor(connection) as cursor:
                     row = sql.fetch_row(connection, cursor, call.scope, call.key)
                 claim = self._claim_existing(row, call, policy, token, now)
                 if claim is not None:
@@ -213,7 +211,7 @@ class DatabaseStore(Store):
         params = sql.new_row_params(connection, values)
         try:
             # A savepoint, so that a collision leaves the transaction usable.
-            with transaction.atomic(using=self.db), connection.cursor() as cursor:
+            with transaction.atomic(using=self.db), sql.cursor(connection) as cursor:
                 cursor.execute(sql.statements(connection).insert, params)
         except IntegrityError:
             return False
@@ -223,7 +221,7 @@ class DatabaseStore(Store):
         connection = transaction.get_connection(self.db)
         statements = sql.statements(connection)
         params = sql.new_row_params(connection, values)
-        with connection.cursor() as cursor:
+        with sql.cursor(connection) as cursor:
             cursor.execute(
                 f"{statements.insert} ON CONFLICT ({statements.unique_columns}) DO NOTHING", params
             )

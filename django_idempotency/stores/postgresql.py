@@ -53,7 +53,7 @@ def insert(
     """
     statement = _claim_sql(connection)
     params = [lock_id(call), *sql.new_row_params(connection, values), call.scope, call.key]
-    with connection.cursor() as cursor:
+    with sql.cursor(connection) as cursor:
         cursor.execute(statement, params)
         acquired, inserted, *row = cursor.fetchone()
     if inserted:
@@ -93,13 +93,14 @@ def _build_claim_sql(statements: sql.Statements) -> str:
     column = statements.column
     row = ", ".join(f"held.{column[name]}" for name in sql.ROW_COLUMNS)
     return (
-        "WITH lock AS (SELECT pg_try_advisory_xact_lock(%s) AS acquired), "
+        "WITH lock AS (SELECT pg_try_advisory_xact_lock(CAST(%s AS bigint)) AS acquired), "
         f"claimed AS (INSERT INTO {statements.table} ({statements.new_row_columns}) "
         f"SELECT {casts} FROM lock WHERE lock.acquired "
         f"ON CONFLICT ({statements.unique_columns}) DO NOTHING RETURNING 1) "
         f"SELECT lock.acquired, EXISTS (SELECT 1 FROM claimed), {row} FROM lock "
         # The row that holds the key, when the insert did not happen. (The
         # statement's snapshot never shows the row it inserts itself.)
-        f"LEFT JOIN {statements.table} held ON held.{column['scope']} = %s "
-        f"AND held.{column['key']} = %s"
+        f"LEFT JOIN {statements.table} held "
+        f"ON held.{column['scope']} = CAST(%s AS {statements.db_types['scope']}) "
+        f"AND held.{column['key']} = CAST(%s AS {statements.db_types['key']})"
     )

@@ -114,7 +114,7 @@ def completion_params(
         IdempotencyKey.State.COMPLETED.value,
         status,
         _HEADERS.get_db_prep_save(headers, connection),
-        connection.Database.Binary(body),
+        _binary(connection, body),
         adapt(completed),
         adapt(expires),
         scope,
@@ -123,7 +123,36 @@ def completion_params(
     ]
 
 
-def fetch_row(connection: BaseDatabaseWrapper, cursor: CursorWrapper, scope: str, key: str) -> Row | None:
+def cursor(connection: BaseDatabaseWrapper) -> CursorWrapper:
+    """A cursor for the store's statements.
+
+    On psycopg 3 connections that prepare statements (Django's ``OPTIONS``
+    ``"prepare_threshold"``; Django leaves it off by default, for connection
+    poolers), the store's statements use server-side binding even where the
+    ORM does not: their text never changes, so the server plans each once per
+    connection. Otherwise this is ``connection.cursor()``.
+    """
+    if connection.vendor == "postgresql":
+        connection.ensure_connection()
+        raw = connection.connection
+        if getattr(raw, "prepare_threshold", None) is not None:
+            # Importable only where psycopg is installed.
+            from django.db.backends.postgresql.base import (
+                ServerBindingCursor,
+            )
+
+            connection.validate_thread_sharing()
+            cursor_class: Any = ServerBindingCursor
+            server_bound = cursor_class(raw)
+            if connection.queries_logged:
+                return connection.make_debug_cursor(server_bound)
+            return connection.make_cursor(server_bound)
+    return connection.cursor()
+
+
+def fetch_row(
+    connection: BaseDatabaseWrapper, cursor: CursorWrapper, scope: str, key: str
+) -> Row | None:
     """The stored row of (scope, key), if any."""
     cursor.execute(statements(connection).select, [scope, key])
     values = cursor.fetchone()
@@ -155,8 +184,13 @@ def _param(connection: BaseDatabaseWrapper, name: str, value: Any) -> Any:
     if name == "response_headers":
         return _HEADERS.get_db_prep_save(value, connection)
     if isinstance(value, bytes):
-        return connection.Database.Binary(value)
+        return _binary(connection, value)
     return value
+
+
+def _binary(connection: BaseDatabaseWrapper, value: bytes) -> Any:
+    database: Any = connection.Database  # type: ignore[attr-defined]
+    return database.Binary(value)
 
 
 def _from_db(connection: BaseDatabaseWrapper, value: datetime | None) -> Any:

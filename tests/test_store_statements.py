@@ -1,0 +1,173 @@
+"""What the database store sends: how many statements, and prepared where asked.
+
+The counts are the performance targets of the database store (one claim and
+one completion for a first execution; a replay in one statement on
+PostgreSQL, two elsewhere), pinned here so that a change that adds a round
+trip to every protected request fails a test, not only a benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from django_idempotency.engine import Call, Executed, Policy, Replayed, Snapshot, protected, run
+from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress
+from django_idempotency.models import IdempotencyKey
+from tests.factories import OrderFactory
+from tests.testapp.models import Order
+
+pytestmark = pytest.mark.django_db
+
+CALL = Call(scope="tests", key="statements-1", fingerprint="f" * 64, method="POST", path="/x/")
+TABLE = IdempotencyKey._meta.db_table
+CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE", "SET ", "PRAGMA")
+
+
+def create_order() -> Order:
+    created: Order = OrderFactory()
+    return created
+
+
+def keep(order: Order) -> Snapshot:
+    return Snapshot(status=201, headers=(("Location", f"/o/{order.pk}/"),), body=b"made")
+
+
+def data_statements(captured: CaptureQueriesContext) -> list[str]:
+    """Captured statements other than transaction control and session settings."""
+    # Server-side bound statements are logged as "QUERY = '...' - PARAMS = ...".
+    statements = [query["sql"].removeprefix("QUERY = '") for query in captured.captured_queries]
+    return [sql for sql in statements if not sql.lstrip().upper().startswith(CONTROL)]
+
+
+def store_statements(captured: CaptureQueriesContext) -> list[str]:
+    # MySQLdb has no text for a statement that failed (a duplicate key): "None".
+    return [sql for sql in data_statements(captured) if TABLE in sql or sql == "None"]
+
+
+@pytest.mark.parametrize("mode", ["atomic", "lease"])
+def test_a_first_execution_adds_one_claim_and_one_completion(mode: str) -> None:
+    with CaptureQueriesContext(connection) as captured:
+        outcome = run(CALL, Policy(mode=mode), create_order, keep)
+
+    assert isinstance(outcome, Executed)
+    claim, completion = store_statements(captured)
+    assert claim.lstrip().upper().startswith(("WITH", "INSERT"))
+    assert completion.lstrip().upper().startswith("UPDATE")
+    if connection.vendor != "mysql":  # MySQL also bounds the lock wait (SET)
+        assert len(data_statements(captured)) == 3  # the claim, the view's INSERT, the completion
+
+
+@pytest.mark.parametrize("mode", ["atomic", "lease"])
+def test_a_replay_reads_the_outcome_in_as_few_statements_as_the_database_allows(
+    mode: str,
+) -> None:
+    first = run(CALL, Policy(mode=mode), create_order, keep)
+    assert isinstance(first, Executed)
+
+    with CaptureQueriesContext(connection) as captured:
+        replay = run(CALL, Policy(mode=mode), create_order, keep)
+
+    assert isinstance(replay, Replayed)
+    assert replay.snapshot == keep(first.result)
+    # PostgreSQL: the claim returns the row it collided with. Elsewhere the
+    # failed insert is followed by a read of the row.
+    expected = 1 if connection.vendor == "postgresql" else 2
+    assert len(store_statements(captured)) == expected
+    assert data_statements(captured) == store_statements(captured)  # no ORM query
+    assert Order.objects.count() == 1
+
+
+@pytest.mark.parametrize("mode", ["atomic", "lease"])
+def test_a_mismatch_is_found_by_the_same_statements(mode: str) -> None:
+    run(CALL, Policy(mode=mode), create_order, keep)
+    other = Call(scope=CALL.scope, key=CALL.key, fingerprint="0" * 64)
+
+    with CaptureQueriesContext(connection) as captured, pytest.raises(FingerprintMismatch):
+        run(other, Policy(mode=mode), create_order, keep)
+
+    assert len(store_statements(captured)) == (1 if connection.vendor == "postgresql" else 2)
+
+
+def test_a_nested_claim_of_the_same_key_in_atomic_mode_is_refused() -> None:
+    # The outer claim's row is visible to its own transaction only: the inner
+    # claim must not mistake it for an abandoned one and take it over.
+    with protected(CALL, Policy(mode="atomic")) as outer:
+        assert outer.replay is None
+        with pytest.raises(RequestInProgress), protected(CALL, Policy(mode="atomic")):
+            pytest.fail("the nested claim ran")
+        outer.conclusion = keep(create_order())
+
+    row = IdempotencyKey.objects.get(key=CALL.key)
+    assert row.state == IdempotencyKey.State.COMPLETED
+    assert row.attempts == 1
+    assert Order.objects.count() == 1
+
+
+# PostgreSQL prepared statements ------------------------------------------------------------
+
+postgresql_with_psycopg3 = pytest.mark.skipif(
+    connection.vendor != "postgresql"
+    or not hasattr(connection.Database, "__version__")
+    or not connection.Database.__version__.startswith("3."),
+    reason="prepared statements of the store: PostgreSQL with psycopg 3",
+)
+
+
+def prepared_store_statements() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [statement for (statement,) in cursor.fetchall() if TABLE in statement]
+
+
+@pytest.fixture
+def preparing() -> Iterator[Any]:
+    """The connection prepares every statement (``OPTIONS["prepare_threshold"] = 0``)."""
+    connection.ensure_connection()
+    raw = connection.connection
+    saved = raw.prepare_threshold
+    raw.prepare_threshold = 0
+    yield raw
+    raw.prepare_threshold = saved
+
+
+@postgresql_with_psycopg3
+@pytest.mark.parametrize("mode", ["atomic", "lease"])
+def test_statements_are_prepared_when_the_connection_prepares(preparing: Any, mode: str) -> None:
+    first = run(CALL, Policy(mode=mode), create_order, keep)
+    replay = run(CALL, Policy(mode=mode), create_order, keep)
+    # (psycopg forgets its prepared statements at any ROLLBACK: look now.)
+    prepared = prepared_store_statements()
+    with pytest.raises(FingerprintMismatch):
+        run(Call(CALL.scope, CALL.key, "0" * 64), Policy(mode=mode), create_order, keep)
+    fresh = Call(CALL.scope, "statements-2", CALL.fingerprint)
+    with pytest.raises(RuntimeError), protected(fresh, Policy(mode=mode)):
+        raise RuntimeError  # the key is released (lease) or rolled back (atomic)
+
+    assert isinstance(first, Executed)
+    assert isinstance(replay, Replayed)
+    assert replay.snapshot == keep(first.result)
+    assert any(" claimed AS (INSERT" in statement for statement in prepared)
+    assert any(statement.startswith("UPDATE") for statement in prepared)
+    assert not IdempotencyKey.objects.filter(key="statements-2").exists()
+    assert Order.objects.count() == 1
+
+
+@postgresql_with_psycopg3
+@pytest.mark.skipif(
+    connection.settings_dict.get("OPTIONS", {}).get("prepare_threshold") is not None,
+    reason="the suite runs with prepared statements (PREPARE_THRESHOLD)",
+)
+def test_statements_are_not_prepared_by_default() -> None:
+    # Django turns prepared statements off unless asked (connection poolers);
+    # the store follows the connection's setting.
+    connection.ensure_connection()
+    assert connection.connection.prepare_threshold is None
+    run(CALL, Policy(mode="atomic"), create_order, keep)
+    run(CALL, Policy(mode="atomic"), create_order, keep)
+
+    assert prepared_store_statements() == []
