@@ -39,11 +39,12 @@ class Gate:
     """Installed as the view hook: holds the first execution until released.
 
     Later executions pass straight through; ``executions`` counts them all.
-    With ``fail_first`` the held execution raises once released, after its
-    write, as a failing view would.
+    Once released, the held execution calls ``then`` (if given); with
+    ``fail_first`` it then raises, after its write, as a failing view would.
     """
 
     fail_first: bool = False
+    then: Callable[[], None] | None = None
     entered: threading.Event = field(default_factory=threading.Event)
     released: threading.Event = field(default_factory=threading.Event)
     executions: int = 0
@@ -58,10 +59,15 @@ class Gate:
         self.entered.set()
         if not self.released.wait(PATIENCE):
             raise AssertionError("the held execution was never released")
+        if self.then is not None:
+            self.then()
         if self.fail_first:
             from tests.testapp.views import Boom
 
             raise Boom("the first execution fails after its write")
+
+    def wait_entered(self) -> None:
+        assert self.entered.wait(PATIENCE), "the first execution never started"
 
 
 @dataclass

@@ -19,6 +19,7 @@ from django_redis import get_redis_connection
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.stores import get_store
 from django_idempotency.stores.cache import CacheStore
+from tests.concurrency_helpers import PATIENCE
 
 DATABASE = "database"
 REDIS = "redis"
@@ -26,8 +27,6 @@ STORES: dict[str, dict[str, Any]] = {
     DATABASE: {"BACKEND": "django_idempotency.stores.database.DatabaseStore"},
     REDIS: {"BACKEND": "django_idempotency.stores.cache.CacheStore", "OPTIONS": {"CACHE": "redis"}},
 }
-#: Upper bound for any wait in these tests; a correct run takes far less.
-PATIENCE = 15.0
 
 
 def clear_redis_records() -> None:

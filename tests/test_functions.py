@@ -22,9 +22,9 @@ from django_idempotency.engine import Call, Policy
 from django_idempotency.exceptions import FingerprintMismatch, KeyMalformed, RequestInProgress
 from django_idempotency.stores import get_store
 from django_idempotency.stores.database import DatabaseStore
+from tests.concurrency_helpers import PATIENCE
 from tests.lease_stores import (
     DATABASE,
-    PATIENCE,
     REDIS,
     STORES,
     redis_records_fixture,  # noqa: F401

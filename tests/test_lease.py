@@ -29,8 +29,8 @@ from django_idempotency.engine import Call, Claim, Policy, Snapshot
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress
 from django_idempotency.stores import get_store
 from django_idempotency.stores.database import DatabaseStore
+from tests.concurrency_helpers import PATIENCE, Gate
 from tests.lease_stores import (
-    PATIENCE,
     Worker,
     lease_store_fixture,  # noqa: F401
     redis_records_fixture,  # noqa: F401
@@ -65,32 +65,6 @@ def post(data: dict[str, Any] | None = None, *, key: str = KEY) -> HttpResponseB
 
 def body(response: HttpResponseBase) -> Any:
     return json.loads(response.content)  # type: ignore[attr-defined]
-
-
-class Gate:
-    """A view hook that holds the first execution until ``resume`` is set."""
-
-    def __init__(self, then: Callable[[], None] | None = None) -> None:
-        self.entered = threading.Event()
-        self.resume = threading.Event()
-        self.executions = 0
-        self._then = then
-        self._lock = threading.Lock()
-
-    def __call__(self) -> None:
-        with self._lock:
-            self.executions += 1
-            first = self.executions == 1
-        if not first:
-            return
-        self.entered.set()
-        if not self.resume.wait(PATIENCE):
-            raise AssertionError("the held execution was never resumed")
-        if self._then is not None:
-            self._then()
-
-    def wait_entered(self) -> None:
-        assert self.entered.wait(PATIENCE), "the first execution never started"
 
 
 @pytest.fixture
@@ -197,7 +171,7 @@ def test_a_waiting_duplicate_polls_then_replays(
     duplicate.start()
     # The first claim is the first request's; two more are the duplicate's polls.
     wait_until(lambda: len(attempts) >= 3, "the duplicate has polled twice")
-    gate.resume.set()
+    gate.released.set()
 
     original, replay = first.outcome(), duplicate.outcome()
     assert original.status_code == 201
@@ -219,7 +193,7 @@ def test_a_waiting_duplicate_gives_up_with_409_when_the_wait_is_over(
     gate.wait_entered()
 
     duplicate = post()
-    gate.resume.set()
+    gate.released.set()
 
     assert duplicate.status_code == 409
     assert first.outcome().status_code == 201
@@ -327,7 +301,7 @@ def test_a_slow_worker_does_not_overwrite_the_outcome_of_the_worker_that_took_ov
 
     with caplog.at_level(logging.ERROR, logger="django_idempotency"):
         successor = post()
-        gate.resume.set()
+        gate.released.set()
         slow_response = slow.outcome()
 
     assert successor.status_code == 201
@@ -356,7 +330,7 @@ def test_a_slow_worker_that_fails_does_not_free_the_key_of_the_worker_that_took_
     gate.wait_entered()
     frozen.shift(LEASE + 1)
     successor_gate_passed = post()
-    gate.resume.set()
+    gate.released.set()
 
     assert slow.outcome().status_code == 500
     assert successor_gate_passed.status_code == 201
@@ -448,7 +422,7 @@ def test_duplicates_racing_a_held_first_request_get_409(
     workers = run_together([post] * 6)
     gate.wait_entered()
     wait_until(lambda: sum(not w.is_alive() for w in workers) >= 5, "the duplicates answered")
-    gate.resume.set()
+    gate.released.set()
 
     statuses = sorted(worker.outcome().status_code for worker in workers)
 

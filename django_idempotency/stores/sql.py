@@ -1,4 +1,4 @@
-"""The database store's statements, built once per connection, run without the ORM.
+"""The database store's statements, built once per database, run without the ORM.
 
 A claim, a replay and a completion are each one statement on the hot path of
 every protected request. Compiling them through the ORM cost more than a
