@@ -87,8 +87,11 @@ def _statements(results: Results) -> list[str]:
 def _latency(title: str, samples: dict[str, Sample]) -> list[str]:
     plain = samples[PLAIN.label]
     split = plain.database_median is not None
-    header = "| request | requests | median ms | p99 ms | req/s | median / plain | p99 / plain "
-    rule = "|---|--:|--:|--:|--:|--:|--:|"
+    header = (
+        "| request | requests | median ms | p99 ms | req/s | median / plain "
+        "| median ms added | p99 / plain "
+    )
+    rule = "|---|--:|--:|--:|--:|--:|--:|--:|"
     if split:
         header += "| median ms waiting on SQL | median ms elsewhere (Python, Redis) "
         rule += "--:|--:|"
@@ -106,7 +109,8 @@ def _latency_row(label: str, sample: Sample, plain: Sample, *, split: bool) -> s
     row = (
         f"| {label} | {len(sample.latencies)} | {sample.median * 1000:.2f} "
         f"| {sample.p99 * 1000:.2f} | {sample.throughput:.0f} "
-        f"| {sample.median / plain.median:.2f} | {sample.p99 / plain.p99:.2f} "
+        f"| {sample.median / plain.median:.2f} | {(sample.median - plain.median) * 1000:+.2f} "
+        f"| {sample.p99 / plain.p99:.2f} "
     )
     if split:
         row += f"| {(sample.database_median or 0) * 1000:.2f} "
