@@ -4,9 +4,10 @@ A transaction-level advisory lock on a 64-bit hash of (scope, key) says who is
 claiming a key right now. The claim statement takes it without waiting and,
 only if it got it, inserts the row (``ON CONFLICT DO NOTHING``), so it never
 blocks behind another transaction's uncommitted row of the same key. When it
-inserted nothing, the same statement returns the row that holds the key, so a
-replay needs no second statement. Only when the key is contended and the
-caller chose to wait does a bounded wait happen, on the advisory lock itself.
+inserted nothing, the row that holds the key is read: by the same statement
+where statements are prepared (a replay is then one statement), by a second
+one otherwise. Only when the key is contended and the caller chose to wait
+does a bounded wait happen, on the advisory lock itself.
 
 The statement needs no surrounding transaction: in autocommit (lease mode)
 the lock lasts for the statement, which is all it has to cover there, since
@@ -48,17 +49,25 @@ def insert(
     """Claim ``call``'s key with the new row ``values``.
 
     Returns what happened and, unless the row was inserted, the row holding
-    the key as this statement saw it (``None`` if it saw none: purged, or
-    committed by another claim after this statement began).
+    the key as the claim saw it (``None`` if it saw none: purged, or
+    committed by another claim after the statement began).
     """
-    statement = _claim_sql(connection)
-    params = [lock_id(call), *sql.new_row_params(connection, values), call.scope, call.key]
+    # A prepared claim returns the row it collided with: a replay is one
+    # statement. Unprepared, that join costs more to parse and plan on every
+    # request than a separate read of the row when there is one.
+    with_row = sql.prepares(connection)
+    params = [lock_id(call), *sql.new_row_params(connection, values)]
+    if with_row:
+        params += [call.scope, call.key]
     with sql.cursor(connection) as cursor:
-        cursor.execute(statement, params)
+        cursor.execute(_claim_sql(connection, with_row=with_row), params)
         acquired, inserted, *row = cursor.fetchone()
-    if inserted:
-        return Inserted.CLAIMED, None
-    found = None if row[0] is None else sql.to_row(connection, row)
+        if inserted:
+            return Inserted.CLAIMED, None
+        if with_row:
+            found = None if row[0] is None else sql.to_row(connection, row)
+        else:
+            found = sql.fetch_row(connection, cursor, call.scope, call.key)
     return (Inserted.TAKEN if acquired else Inserted.CONTENDED), found
 
 
@@ -77,30 +86,35 @@ def wait_for(connection: BaseDatabaseWrapper, call: Call, seconds: float, retry_
         cursor.execute("SET LOCAL lock_timeout TO DEFAULT")
 
 
-_sql: dict[str, str] = {}
+_sql: dict[tuple[str, bool], str] = {}
 
 
-def _claim_sql(connection: BaseDatabaseWrapper) -> str:
-    built = _sql.get(connection.alias)
+def _claim_sql(connection: BaseDatabaseWrapper, *, with_row: bool) -> str:
+    built = _sql.get((connection.alias, with_row))
     if built is None:
-        built = _sql[connection.alias] = _build_claim_sql(sql.statements(connection))
+        statements = sql.statements(connection)
+        built = _sql[connection.alias, with_row] = _build_claim_sql(statements, with_row)
     return built
 
 
-def _build_claim_sql(statements: sql.Statements) -> str:
+def _build_claim_sql(statements: sql.Statements, with_row: bool) -> str:
     # Explicit casts: in INSERT ... SELECT the parameters carry no type.
     casts = ", ".join(f"CAST(%s AS {statements.db_types[name]})" for name in sql.NEW_ROW_COLUMNS)
-    column = statements.column
-    row = ", ".join(f"held.{column[name]}" for name in sql.ROW_COLUMNS)
-    return (
+    claim = (
         "WITH lock AS (SELECT pg_try_advisory_xact_lock(CAST(%s AS bigint)) AS acquired), "
         f"claimed AS (INSERT INTO {statements.table} ({statements.new_row_columns}) "
         f"SELECT {casts} FROM lock WHERE lock.acquired "
         f"ON CONFLICT ({statements.unique_columns}) DO NOTHING RETURNING 1) "
-        f"SELECT lock.acquired, EXISTS (SELECT 1 FROM claimed), {row} FROM lock "
-        # The row that holds the key, when the insert did not happen. (The
-        # statement's snapshot never shows the row it inserts itself.)
-        f"LEFT JOIN {statements.table} held "
+        "SELECT lock.acquired, EXISTS (SELECT 1 FROM claimed)"
+    )
+    if not with_row:
+        return f"{claim} FROM lock"
+    column = statements.column
+    row = ", ".join(f"held.{column[name]}" for name in sql.ROW_COLUMNS)
+    # The row that holds the key, when the insert did not happen. (The
+    # statement's snapshot never shows the row it inserts itself.)
+    return (
+        f"{claim}, {row} FROM lock LEFT JOIN {statements.table} held "
         f"ON held.{column['scope']} = CAST(%s AS {statements.db_types['scope']}) "
         f"AND held.{column['key']} = CAST(%s AS {statements.db_types['key']})"
     )

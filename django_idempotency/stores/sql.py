@@ -123,30 +123,35 @@ def completion_params(
     ]
 
 
+def prepares(connection: BaseDatabaseWrapper) -> bool:
+    """Whether ``connection`` prepares statements (psycopg 3, ``prepare_threshold`` set).
+
+    Django leaves it off by default, for connection poolers in transaction mode.
+    """
+    if connection.vendor != "postgresql":
+        return False
+    connection.ensure_connection()
+    return getattr(connection.connection, "prepare_threshold", None) is not None
+
+
 def cursor(connection: BaseDatabaseWrapper) -> CursorWrapper:
     """A cursor for the store's statements.
 
-    On psycopg 3 connections that prepare statements (Django's ``OPTIONS``
-    ``"prepare_threshold"``; Django leaves it off by default, for connection
-    poolers), the store's statements use server-side binding even where the
-    ORM does not: their text never changes, so the server plans each once per
-    connection. Otherwise this is ``connection.cursor()``.
+    On connections that :func:`prepares`, the store's statements use
+    server-side binding even where the ORM does not: their text never changes,
+    so the server plans each once per connection. Otherwise this is
+    ``connection.cursor()``.
     """
-    if connection.vendor == "postgresql":
-        connection.ensure_connection()
-        raw = connection.connection
-        if getattr(raw, "prepare_threshold", None) is not None:
-            # Importable only where psycopg is installed.
-            from django.db.backends.postgresql.base import (
-                ServerBindingCursor,
-            )
+    if prepares(connection):
+        # Importable only where psycopg is installed.
+        from django.db.backends.postgresql.base import ServerBindingCursor
 
-            connection.validate_thread_sharing()
-            cursor_class: Any = ServerBindingCursor
-            server_bound = cursor_class(raw)
-            if connection.queries_logged:
-                return connection.make_debug_cursor(server_bound)
-            return connection.make_cursor(server_bound)
+        connection.validate_thread_sharing()
+        cursor_class: Any = ServerBindingCursor
+        server_bound = cursor_class(connection.connection)
+        if connection.queries_logged:
+            return connection.make_debug_cursor(server_bound)
+        return connection.make_cursor(server_bound)
     return connection.cursor()
 
 
