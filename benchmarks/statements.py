@@ -54,7 +54,9 @@ def capture(connection: BaseDatabaseWrapper) -> Iterator[list[Statements]]:
     result: list[Statements] = []
     with CaptureQueriesContext(connection) as context:
         yield result
-    result.append(Statements(tuple(query["sql"] for query in context.captured_queries)))
+    # Django logs server-side bound statements as "QUERY = '...' - PARAMS = ...".
+    sql = (query["sql"].removeprefix("QUERY = '") for query in context.captured_queries)
+    result.append(Statements(tuple(sql)))
 
 
 def _shorten(sql: str, width: int) -> str:

@@ -1,18 +1,22 @@
-"""System checks for the ``IDEMPOTENCY_*`` settings."""
+"""System checks for the ``IDEMPOTENCY_*`` settings and the protected views."""
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import connections, router
+from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils.module_loading import import_string
 
 from django_idempotency.conf import app_settings
+from django_idempotency.decorators import handler_options
 from django_idempotency.engine import ATOMIC, MODES
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 field name
@@ -227,3 +231,99 @@ def _check_responses() -> list[CheckMessage]:
                 )
             )
     return errors
+
+
+# The views ---------------------------------------------------------------------------------
+
+
+@register(Tags.urls)
+def check_views(**kwargs: Any) -> list[CheckMessage]:
+    """Each protected view names a configured store that supports the view's mode.
+
+    Looks at every view the URLconf routes to: ``@idempotent`` functions and
+    methods (``method_decorator`` and ``@api_view`` included) and
+    ``IdempotencyMixin`` classes (their ``idempotency_mode`` and
+    ``idempotency_store``; overridden ``get_idempotency_*`` hooks are not
+    called). Without this, such a view fails on its first request.
+    """
+    stores = app_settings.STORES
+    if not isinstance(stores, dict):
+        return []  # E010
+    try:
+        patterns = get_resolver().url_patterns
+        views = list(_protected_views(patterns))
+    except Exception:  # a broken URLconf: Django's own checks report it
+        return []
+    errors: list[CheckMessage] = []
+    for name, mode, alias in dict.fromkeys(views):
+        if alias is not None and alias not in stores:
+            errors.append(
+                _error(
+                    20,
+                    f"{name} uses the idempotency store {alias!r}, "
+                    "which is not in IDEMPOTENCY_STORES.",
+                    "Name one of the configured aliases.",
+                )
+            )
+            continue
+        effective = mode or app_settings.MODE
+        if effective != ATOMIC or (mode is None and alias is None):
+            continue  # lease or automatic; the global mode on the default store is E013's
+        store = alias or app_settings.STORE
+        if store in stores and not _supports_atomic(stores[store]):
+            errors.append(
+                _error(
+                    21,
+                    f'{name} runs in mode "atomic" on the idempotency store {store!r}, '
+                    "which supports only lease mode.",
+                    'Give the view mode="lease", or a database store.',
+                )
+            )
+    return errors
+
+
+def _protected_views(patterns: Iterable[Any]) -> Iterator[tuple[str, str | None, str | None]]:
+    """(name, mode, store) of each protected view or handler the patterns route to."""
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            yield from _protected_views(pattern.url_patterns)
+        elif isinstance(pattern, URLPattern):
+            yield from _protections(pattern.callback)
+
+
+def _protections(view: Any) -> Iterator[tuple[str, str | None, str | None]]:
+    options = handler_options(view)
+    if options is not None and not inspect.iscoroutinefunction(view):  # async: always lease
+        yield _name(view), options.mode, options.store
+    view_class = getattr(view, "view_class", None) or getattr(view, "cls", None)
+    if view_class is None:
+        return
+    mixin = _idempotency_mixin()
+    if mixin is not None and issubclass(view_class, mixin):
+        yield _name(view_class), view_class.idempotency_mode, view_class.idempotency_store
+        return
+    for attribute, member in inspect.getmembers(view_class, inspect.isfunction):
+        options = handler_options(member)
+        if options is not None and not inspect.iscoroutinefunction(member):
+            yield f"{_name(view_class)}.{attribute}", options.mode, options.store
+
+
+def _name(view: Any) -> str:
+    # __name__: DRF's @api_view names its view class after the function.
+    return f"{view.__module__}.{getattr(view, '__name__', view)}"
+
+
+def _idempotency_mixin() -> type | None:
+    if importlib.util.find_spec("rest_framework") is None:
+        return None
+    from django_idempotency.drf import IdempotencyMixin
+
+    return IdempotencyMixin
+
+
+def _supports_atomic(config: Any) -> bool:
+    try:
+        backend = import_string(config["BACKEND"])
+    except Exception:  # E012 reports it
+        return True
+    return bool(getattr(backend, "supports_atomic", False))

@@ -29,6 +29,8 @@ ViewFunc = TypeVar("ViewFunc", bound=Callable[..., HttpResponseBase])
 Seconds = float | timedelta
 RequestFunction = Callable[[HttpRequest], str]
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+#: The attribute ``@idempotent`` leaves on the views it wraps: their options.
+OPTIONS_ATTRIBUTE = "idempotency_options"
 
 
 @dataclass(frozen=True)
@@ -150,18 +152,49 @@ def idempotent(view: Any = None, /, **options: Any) -> Any:
         _refuse_undecoratable(view_func)
         if inspect.iscoroutinefunction(view_func):
             async_view: ViewFunc = _async_view(view_func, resolved)
-            async_view.idempotency_options = resolved  # type: ignore[attr-defined]
+            setattr(async_view, OPTIONS_ATTRIBUTE, resolved)
             return async_view
 
         @wraps(view_func)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             return protect(request, resolved, partial(view_func, request, *args, **kwargs))
 
-        # Lets the OpenAPI extension (openapi.py) find the protected operations.
-        wrapper.idempotency_options = resolved  # type: ignore[attr-defined]
+        # Lets the system checks and the OpenAPI extension find protected views.
+        setattr(wrapper, OPTIONS_ATTRIBUTE, resolved)
         return wrapper  # type: ignore[return-value]
 
     return decorator(view) if view is not None else decorator
+
+
+def handler_options(handler: Any) -> Options | None:
+    """The options ``@idempotent`` gave ``handler`` (a view or view method), if it did.
+
+    Sees through ``functools.wraps`` chains (``method_decorator`` included) and
+    through DRF's ``@api_view``, which turns the function into a handler of
+    its own that calls it.
+    """
+    function = getattr(handler, "__func__", handler)
+    while function is not None:
+        options = getattr(function, OPTIONS_ATTRIBUTE, None)
+        if isinstance(options, Options):
+            return options
+        if getattr(function, "__module__", None) == "rest_framework.decorators":
+            options = _options_in_closure(function)
+            if options is not None:
+                return options
+        function = getattr(function, "__wrapped__", None)
+    return None
+
+
+def _options_in_closure(function: Any) -> Options | None:
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            options = getattr(cell.cell_contents, OPTIONS_ATTRIBUTE, None)
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(options, Options):
+            return options
+    return None
 
 
 def _refuse_undecoratable(view_func: Callable[..., Any]) -> None:

@@ -23,7 +23,7 @@ from drf_spectacular.utils import OpenApiParameter
 from rest_framework.views import APIView
 
 from django_idempotency.conf import app_settings
-from django_idempotency.decorators import Options
+from django_idempotency.decorators import Options, handler_options
 from django_idempotency.drf import IdempotencyMixin
 from django_idempotency.exceptions import (
     FingerprintMismatch,
@@ -35,8 +35,6 @@ from django_idempotency.exceptions import (
 from django_idempotency.keys import MAX_KEY_LENGTH
 from django_idempotency.responses import PROBLEM_CONTENT_TYPE, REPLAYED_HEADER
 
-#: The attribute ``@idempotent`` leaves on the views it wraps.
-OPTIONS_ATTRIBUTE = "idempotency_options"
 PROBLEM_COMPONENT = "IdempotencyProblem"
 
 _PROBLEMS: dict[str, tuple[str, list[type[IdempotencyError]]]] = {
@@ -67,33 +65,6 @@ def protecting_options(view: APIView, method: str) -> Options | None:
             return None
         options = found
     return options if options.protects(request) else None
-
-
-def handler_options(handler: Any) -> Options | None:
-    """The options ``@idempotent`` gave ``handler`` (a view method), if it did."""
-    function = getattr(handler, "__func__", handler)
-    while function is not None:
-        options = getattr(function, OPTIONS_ATTRIBUTE, None)
-        if isinstance(options, Options):
-            return options
-        if getattr(function, "__module__", None) == "rest_framework.decorators":
-            # @api_view turns the function into a handler of its own that calls it.
-            options = _options_in_closure(function)
-            if options is not None:
-                return options
-        function = getattr(function, "__wrapped__", None)
-    return None
-
-
-def _options_in_closure(function: Any) -> Options | None:
-    for cell in getattr(function, "__closure__", None) or ():
-        try:
-            options = getattr(cell.cell_contents, OPTIONS_ATTRIBUTE, None)
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(options, Options):
-            return options
-    return None
 
 
 class IdempotencySchemaMixin:

@@ -10,7 +10,7 @@ from django.core.checks import run_checks
 from django.db import connection
 from django.test import override_settings
 
-from django_idempotency.checks import check_settings
+from django_idempotency.checks import check_settings, check_views
 from django_idempotency.stores import Store
 
 DATABASE_STORE = "django_idempotency.stores.database.DatabaseStore"
@@ -127,3 +127,59 @@ def test_checks_are_registered() -> None:
     with override_settings(IDEMPOTENCY_MODE="optimistic", SILENCED_SYSTEM_CHECKS=[]):
         found = {message.id for message in run_checks(databases=["default"])}
     assert "django_idempotency.E009" in found
+
+
+# The protected views ------------------------------------------------------------------------
+
+MISCONFIGURED = "tests.testapp.misconfigured"
+WITH_LEASE_ONLY = {
+    "default": {"BACKEND": DATABASE_STORE},
+    "lease-only": {"BACKEND": "tests.test_checks.LeaseOnlyStore"},
+}
+
+
+def view_errors(**settings: Any) -> dict[str, set[str]]:
+    """The view checks' error ids, by the view they name."""
+    found: dict[str, set[str]] = {}
+    with override_settings(**settings):
+        for message in check_views():
+            view = message.msg.split(" ", 1)[0].removeprefix(f"{MISCONFIGURED}.")
+            found.setdefault(view, set()).add(str(message.id))
+    return found
+
+
+def test_views_with_a_store_or_mode_that_cannot_work_are_reported() -> None:
+    found = view_errors(ROOT_URLCONF=MISCONFIGURED, IDEMPOTENCY_STORES=WITH_LEASE_ONLY)
+
+    assert found == {
+        "unknown_store": {"django_idempotency.E020"},
+        "api_unknown_store.post": {"django_idempotency.E020"},
+        "atomic_on_lease_only": {"django_idempotency.E021"},
+        "AtomicOnLeaseOnlyView.post": {"django_idempotency.E021"},
+        "MixinOnLeaseOnly": {"django_idempotency.E021"},
+    }
+
+
+def test_a_global_atomic_mode_applies_to_views_that_name_a_lease_only_store() -> None:
+    found = view_errors(
+        ROOT_URLCONF=MISCONFIGURED,
+        IDEMPOTENCY_STORES=WITH_LEASE_ONLY,
+        IDEMPOTENCY_MODE="atomic",
+    )
+
+    # The view that asked for lease keeps it; the async one always runs in lease.
+    assert "lease_on_lease_only" not in found
+    assert "async_on_lease_only" not in found
+    assert found["atomic_on_lease_only"] == {"django_idempotency.E021"}
+
+
+def test_the_suites_and_the_example_projects_views_pass() -> None:
+    assert view_errors() == {}
+    assert view_errors(ROOT_URLCONF="example_project.urls") == {}
+
+
+def test_the_view_checks_run_with_the_urls_tag() -> None:
+    with override_settings(ROOT_URLCONF=MISCONFIGURED, IDEMPOTENCY_STORES=WITH_LEASE_ONLY):
+        messages = run_checks(tags=["urls"])
+
+    assert {"django_idempotency.E020", "django_idempotency.E021"} <= {m.id for m in messages}

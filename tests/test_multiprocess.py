@@ -60,7 +60,7 @@ CROWD = int(os.environ.get("MP_CROWD", "50"))
 KEYS = int(os.environ.get("MP_KEYS", "20"))
 PER_KEY = int(os.environ.get("MP_PER_KEY", "5"))
 PURGE_SECONDS = float(os.environ.get("MP_PURGE_SECONDS", "6"))
-LOAD_SECONDS = float(os.environ.get("MP_LOAD_SECONDS", "15"))
+LOAD_SECONDS = float(os.environ.get("MP_LOAD_SECONDS", "30"))
 
 #: Measured along the way; printed when the module ends (``-s`` shows them).
 FIGURES: list[str] = []
