@@ -36,6 +36,13 @@ def machine(load_at_start: str) -> list[str]:
     ]
 
 
+def _view_queries() -> str:
+    from django.conf import settings
+
+    queries = getattr(settings, "VIEW_QUERIES", 0)
+    return f" and {queries} primary-key reads (--view-queries)" if queries else ""
+
+
 def _prepared() -> str:
     threshold = connection.settings_dict.get("OPTIONS", {}).get("prepare_threshold")
     if connection.vendor != "postgresql":
@@ -48,6 +55,7 @@ def render(results: Results, *, title: str, workers: int, quick: bool, load_at_s
     lines += machine(load_at_start)
     lines += [
         f"- gunicorn: {workers} sync workers; client: Python threads, one connection per request",
+        f"- View: one INSERT{_view_queries()}",
         f"- Budget: {'--quick (smoke run, figures not meaningful)' if quick else 'full'}",
         "",
     ]

@@ -32,6 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="also write the Markdown here")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     parser.add_argument(
+        "--view-queries",
+        type=int,
+        default=0,
+        help="the view also runs N primary-key reads: a view doing more work",
+    )
+    parser.add_argument(
         "--prepare-threshold",
         type=int,
         default=None,
@@ -48,6 +54,7 @@ def setup(args: argparse.Namespace) -> None:
     os.environ["BENCH_DATABASE_URL"] = args.database_url
     os.environ["BENCH_REDIS_URL"] = args.redis_url
     os.environ["BENCH_PREPARE_THRESHOLD"] = _threshold(args)
+    os.environ["BENCH_VIEW_QUERIES"] = str(args.view_queries)
     os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
     sys.path.insert(0, str(ROOT))
     import django
@@ -84,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             "BENCH_DATABASE_URL": args.database_url,
             "BENCH_REDIS_URL": args.redis_url,
             "BENCH_PREPARE_THRESHOLD": _threshold(args),
+            "BENCH_VIEW_QUERIES": str(args.view_queries),
         }
         results.http = phases.over_http(variants, budget, args.workers, environ)
         _step(f"stored keys: {budget.scale_sizes[0]:,} and {budget.scale_sizes[1]:,}")
         results.scaling = phases.scaling(client, budget)
         _step(f"purge of {budget.purge_keys:,} expired keys")
         phases.purge(budget, results)
-        title = f"{connection.display_name}, {time.strftime('%Y-%m-%d %H:%M')}"
+        title = f"{connection.display_name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         markdown = report.render(
             results,
             title=title,

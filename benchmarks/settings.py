@@ -40,6 +40,8 @@ _database = dj_database_url.parse(os.environ["BENCH_DATABASE_URL"], conn_max_age
 # dominate every request. The run creates and drops the database under the
 # very name given (``TEST.NAME``), never a ``test_`` prefixed one.
 _database["TEST"] = {"NAME": _database["NAME"]}
+# --view-queries: primary-key reads the view makes besides its INSERT.
+VIEW_QUERIES = int(os.environ.get("BENCH_VIEW_QUERIES") or 0)
 # --prepare-threshold: psycopg 3 prepared statements, off unless asked (Django's default).
 PREPARE_THRESHOLD = os.environ.get("BENCH_PREPARE_THRESHOLD", "")
 if PREPARE_THRESHOLD and _database["ENGINE"] == "django.db.backends.postgresql":

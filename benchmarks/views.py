@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from django.conf import settings
 from django.db import transaction
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.http import require_POST
@@ -15,6 +16,8 @@ from django_idempotency.decorators import idempotent
 def create_order(request: HttpRequest) -> JsonResponse:
     data = json.loads(request.body)
     order = Order.objects.create(item=str(data["item"]))
+    for _ in range(settings.VIEW_QUERIES):  # --view-queries: a view doing more work
+        Order.objects.filter(pk=order.pk).values_list("item", flat=True).get()
     response = JsonResponse({"id": order.pk, "item": order.item}, status=201)
     response["Location"] = f"/orders/{order.pk}/"
     return response
