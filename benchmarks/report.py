@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+from django.conf import settings
 from django.db import connection
 
 from benchmarks.clients import Sample
@@ -37,8 +38,6 @@ def machine(load_at_start: str) -> list[str]:
 
 
 def _view_queries() -> str:
-    from django.conf import settings
-
     queries = getattr(settings, "VIEW_QUERIES", 0)
     return f" and {queries} primary-key reads (--view-queries)" if queries else ""
 

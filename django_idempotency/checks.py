@@ -251,7 +251,7 @@ def check_views(**kwargs: Any) -> list[CheckMessage]:
         return []  # E010
     try:
         patterns = get_resolver().url_patterns
-        views = list(_protected_views(patterns))
+        views = list(_protected_views(patterns, _idempotency_mixin()))
     except Exception:  # a broken URLconf: Django's own checks report it
         return []
     errors: list[CheckMessage] = []
@@ -282,23 +282,24 @@ def check_views(**kwargs: Any) -> list[CheckMessage]:
     return errors
 
 
-def _protected_views(patterns: Iterable[Any]) -> Iterator[tuple[str, str | None, str | None]]:
+def _protected_views(
+    patterns: Iterable[Any], mixin: type | None
+) -> Iterator[tuple[str, str | None, str | None]]:
     """(name, mode, store) of each protected view or handler the patterns route to."""
     for pattern in patterns:
         if isinstance(pattern, URLResolver):
-            yield from _protected_views(pattern.url_patterns)
+            yield from _protected_views(pattern.url_patterns, mixin)
         elif isinstance(pattern, URLPattern):
-            yield from _protections(pattern.callback)
+            yield from _protections(pattern.callback, mixin)
 
 
-def _protections(view: Any) -> Iterator[tuple[str, str | None, str | None]]:
+def _protections(view: Any, mixin: type | None) -> Iterator[tuple[str, str | None, str | None]]:
     options = handler_options(view)
     if options is not None and not inspect.iscoroutinefunction(view):  # async: always lease
         yield _name(view), options.mode, options.store
     view_class = getattr(view, "view_class", None) or getattr(view, "cls", None)
     if view_class is None:
         return
-    mixin = _idempotency_mixin()
     if mixin is not None and issubclass(view_class, mixin):
         yield _name(view_class), view_class.idempotency_mode, view_class.idempotency_store
         return
@@ -314,6 +315,7 @@ def _name(view: Any) -> str:
 
 
 def _idempotency_mixin() -> type | None:
+    """``IdempotencyMixin``, where DRF is installed."""
     if importlib.util.find_spec("rest_framework") is None:
         return None
     from django_idempotency.drf import IdempotencyMixin

@@ -219,12 +219,9 @@ class DatabaseStore(Store):
 
     def _insert_sqlite(self, values: dict[str, Any]) -> bool:
         connection = transaction.get_connection(self.db)
-        statements = sql.statements(connection)
         params = sql.new_row_params(connection, values)
         with sql.cursor(connection) as cursor:
-            cursor.execute(
-                f"{statements.insert} ON CONFLICT ({statements.unique_columns}) DO NOTHING", params
-            )
+            cursor.execute(sql.statements(connection).insert_unless_taken, params)
             inserted: bool = cursor.rowcount == 1
         return inserted
 

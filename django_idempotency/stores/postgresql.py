@@ -17,6 +17,7 @@ the row it inserts is committed when the statement ends.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from typing import Any
 
@@ -86,17 +87,11 @@ def wait_for(connection: BaseDatabaseWrapper, call: Call, seconds: float, retry_
         cursor.execute("SET LOCAL lock_timeout TO DEFAULT")
 
 
-_sql: dict[tuple[str, bool], str] = {}
-
-
 def _claim_sql(connection: BaseDatabaseWrapper, *, with_row: bool) -> str:
-    built = _sql.get((connection.alias, with_row))
-    if built is None:
-        statements = sql.statements(connection)
-        built = _sql[connection.alias, with_row] = _build_claim_sql(statements, with_row)
-    return built
+    return _build_claim_sql(sql.statements(connection), with_row)
 
 
+@functools.cache  # once per database (Statements are built once per database)
 def _build_claim_sql(statements: sql.Statements, with_row: bool) -> str:
     # Explicit casts: in INSERT ... SELECT the parameters carry no type.
     casts = ", ".join(f"CAST(%s AS {statements.db_types[name]})" for name in sql.NEW_ROW_COLUMNS)

@@ -81,6 +81,8 @@ class Statements:
         self.select = f"SELECT {self.row_columns} FROM {self.table} WHERE {self.where_key}"
         placeholders = ", ".join(["%s"] * len(NEW_ROW_COLUMNS))
         self.insert = f"INSERT INTO {self.table} ({self.new_row_columns}) VALUES ({placeholders})"
+        #: The insert that does nothing when the key is taken (SQLite, PostgreSQL).
+        self.insert_unless_taken = f"{self.insert} ON CONFLICT ({self.unique_columns}) DO NOTHING"
         self.complete = (
             f"UPDATE {self.table} SET {column['state']} = %s, {column['locked_until']} = NULL, "
             f"{column['response_status']} = %s, {column['response_headers']} = %s, "
