@@ -236,34 +236,14 @@ def test_a_waiting_duplicate_replays_once_the_first_completes(lease_store: str) 
 # Mode, scope ------------------------------------------------------------------
 
 
-def test_async_views_use_lease_mode_by_default_even_on_the_database_store(settings: Any) -> None:
+@pytest.mark.parametrize("mode_setting", [None, "atomic"], ids=["mode-None", "mode-atomic"])
+def test_async_views_run_in_lease_mode_on_the_database_store_whatever_the_mode_setting(
+    settings: Any, mode_setting: str | None
+) -> None:
+    # None would pick atomic for the database store; "atomic" cannot apply either.
     settings.IDEMPOTENCY_STORES = STORES
     settings.IDEMPOTENCY_STORE = DATABASE
-    settings.IDEMPOTENCY_MODE = None
-    seen: list[Any] = []
-
-    async def look() -> None:
-        row = await IdempotencyKey.objects.aget(key="async-key")
-        seen.append((row.state, row.locked_until is not None))
-
-    inside["hook"] = look
-
-    async def scenario() -> HttpResponseBase:
-        return await post()
-
-    assert run(scenario).status_code == 201
-    assert seen == [(IdempotencyKey.State.IN_PROGRESS, True)]  # a lease, not a row lock
-
-
-def test_mode_atomic_on_an_async_view_is_refused_when_decorating() -> None:
-    with pytest.raises(ImproperlyConfigured, match="cannot protect the async view create_order"):
-        idempotent(mode="atomic")(create_order)
-
-
-def test_the_atomic_setting_does_not_apply_to_async_views(settings: Any) -> None:
-    settings.IDEMPOTENCY_STORES = STORES
-    settings.IDEMPOTENCY_STORE = DATABASE
-    settings.IDEMPOTENCY_MODE = "atomic"
+    settings.IDEMPOTENCY_MODE = mode_setting
     seen: list[Any] = []
 
     async def look() -> None:
@@ -279,6 +259,11 @@ def test_the_atomic_setting_does_not_apply_to_async_views(settings: Any) -> None
     assert run(scenario)["Idempotent-Replayed"] == "true"
     assert seen == [(IdempotencyKey.State.IN_PROGRESS, True)]  # a lease, not a row lock
     assert orders() == 1
+
+
+def test_mode_atomic_on_an_async_view_is_refused_when_decorating() -> None:
+    with pytest.raises(ImproperlyConfigured, match="cannot protect the async view create_order"):
+        idempotent(mode="atomic")(create_order)
 
 
 def test_the_scope_is_the_session_user_without_synchronous_only_errors(lease_store: str) -> None:

@@ -313,19 +313,26 @@ def _assert_worker_replaced(shop: Shop, killed: int) -> None:
 # 3. The database connection dropped in the middle of a request -------------
 
 
-def test_dropped_connection_atomic(shop: Shop) -> None:
-    """The order and the key go with the terminated session; the client gets a 5xx."""
-    target, user = Target(ORDERS, "atomic"), shop.alice
-    key, number = new_key("drop"), serial()
-    body = ORDERS.body(user, number)
-    gate, request = shop.hold("drop-atomic", target, user, key, body)
+def _answer_with_its_session_terminated(
+    shop: Shop, gate_name: str, target: Target, user: User, key: str, body: Any
+) -> Reply:
+    """Send a request, terminate its database session while the view holds it, answer."""
+    gate, request = shop.hold(gate_name, target, user, key, body)
     inside = gate.wait_inside(request)
-
     shop.database.terminate(inside["backend_pid"])
     shop.database.wait_backend_gone(inside["backend_pid"])
     gate.open()
     answer = request.result()
     assert isinstance(answer, Reply), answer
+    return answer
+
+
+def test_dropped_connection_atomic(shop: Shop) -> None:
+    """The order and the key go with the terminated session; the client gets a 5xx."""
+    target, user = Target(ORDERS, "atomic"), shop.alice
+    key, number = new_key("drop"), serial()
+    body = ORDERS.body(user, number)
+    answer = _answer_with_its_session_terminated(shop, "drop-atomic", target, user, key, body)
     assert answer.status >= 500
     assert shop.executions(ORDERS, [number]) == {}
     assert shop.stored(target, [key]) == {}
@@ -340,14 +347,7 @@ def test_dropped_connection_lease(shop: Shop) -> None:
     target, user = Target(PAYMENTS, "lease-short"), shop.alice
     key, number = new_key("drop"), serial()
     body = PAYMENTS.body(user, number)
-    gate, request = shop.hold("drop-lease", target, user, key, body)
-    inside = gate.wait_inside(request)
-
-    shop.database.terminate(inside["backend_pid"])
-    shop.database.wait_backend_gone(inside["backend_pid"])
-    gate.open()
-    answer = request.result()
-    assert isinstance(answer, Reply), answer
+    answer = _answer_with_its_session_terminated(shop, "drop-lease", target, user, key, body)
     assert answer.status >= 500
     assert shop.executions(PAYMENTS, [number]) == {}
     assert shop.stored(target, [key])[key]["state"] == "in_progress"
