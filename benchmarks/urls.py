@@ -9,5 +9,6 @@ urlpatterns = [
     path("plain-in-transaction/", views.plain_in_transaction),
     path("atomic/", views.atomic),
     path("lease/", views.lease),
-    path("lease-redis/", views.lease_redis),
 ]
+if views.lease_redis is not None:
+    urlpatterns.append(path("lease-redis/", views.lease_redis))
