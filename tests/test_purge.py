@@ -236,6 +236,10 @@ def test_database_option_purges_that_database_only() -> None:
     [
         (["--older-than", "7x"], {}, "'7x' is not a duration"),
         ([], {"older_than": "soon"}, "'soon' is not a duration"),
+        (["--older-than", "999999w"], {}, "reaches back before"),
+        (["--older-than", "999999999999d"], {}, "too long a duration"),
+        (["--include-stale", "--older-than", "999999w"], {}, "reaches back before"),
+        ([], {"older_than": timedelta(days=999_999_999)}, "reaches back before"),
         (["--batch-size", "0"], {}, "'0' is not a positive whole number"),
         (["--batch-size", "-5"], {}, "'-5' is not a positive whole number"),
         (["--batch-size", "many"], {}, "'many' is not a positive whole number"),

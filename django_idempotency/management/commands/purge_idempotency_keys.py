@@ -82,6 +82,13 @@ class Command(BaseCommand):
             older_than = _checked(_duration, older_than)
 
         now = timezone.now()
+        try:
+            now - older_than  # the conditions below compute it
+        except OverflowError:
+            raise CommandError(
+                f"--older-than {_describe(older_than)} reaches back before the year 1; "
+                "give a shorter duration."
+            ) from None
         targets = [("expired keys", purge.expired(now, older_than))]
         if options["include_stale"]:
             grace = older_than or purge.DEFAULT_STALE_GRACE
@@ -119,5 +126,8 @@ def _checked(parse: Any, value: Any) -> Any:
 
 
 def _describe(duration: timedelta) -> str:
-    hours, seconds = divmod(int(duration.total_seconds()), 3600)
-    return f"{hours}h" if not seconds else f"{int(duration.total_seconds())}s"
+    total = int(duration.total_seconds())
+    for unit, size in (("w", 604_800), ("d", 86_400), ("h", 3600)):
+        if total and not total % size:
+            return f"{total // size}{unit}"
+    return f"{total}s"
