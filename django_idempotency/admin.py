@@ -319,15 +319,15 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     # the whole is in the cell's title (a tooltip, and there for copying).
     @admin.display(description=_("key"))
     def short_key(self, obj: IdempotencyKey) -> str:
-        return _shortened(obj.key, 40)
+        return _shortened(obj.key, 32)
 
     @admin.display(description=_("scope"))
     def short_scope(self, obj: IdempotencyKey) -> str:
-        return _shortened(obj.scope, 30)
+        return _shortened(obj.scope, 24)
 
     @admin.display(description=_("path"))
     def short_path(self, obj: IdempotencyKey) -> str:
-        return _shortened(obj.path, 60)
+        return _shortened(obj.path, 40)
 
     @admin.display(description=_("response headers"))
     def headers(self, obj: IdempotencyKey) -> str:
