@@ -183,8 +183,10 @@ def _check_sqlite() -> list[CheckMessage]:
     return [
         Warning(
             "Idempotency keys are stored in SQLite, which serialises all writers.",
-            hint="Fine for development and tests; concurrent duplicates get 409. "
-            "Use PostgreSQL or MariaDB in production.",
+            hint="Fine for development and tests. A concurrent duplicate waits for the "
+            "database lock, then replays (409 only after the connection's timeout), and "
+            "unrelated writes wait too. Use PostgreSQL or MariaDB in production; silence "
+            'it with SILENCED_SYSTEM_CHECKS = ["django_idempotency.W001"].',
             id="django_idempotency.W001",
         )
     ]

@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 import time_machine
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError, call_command, load_command_class
+from django.core.management.base import OutputWrapper
+from django.db import connection
 from django.utils import timezone
 
 from django_idempotency.durations import parse_duration
@@ -284,6 +286,25 @@ def test_bad_input_exits_non_zero_with_a_message(args: list[str], message: str) 
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.django_db
+def test_cron_runs_do_not_print_the_sqlite_warning(settings: Any) -> None:
+    # A cron job mails whatever a command prints: W001 belongs to `check`,
+    # `runserver` and `migrate`, which still print it.
+    settings.SILENCED_SYSTEM_CHECKS = []
+    output, errors = StringIO(), StringIO()
+    # As manage.py runs it (call_command skips the checks).
+    command = load_command_class("django_idempotency", "purge_idempotency_keys")
+    options = vars(command.create_parser("manage.py", "purge_idempotency_keys").parse_args([]))
+    command.stdout, command.stderr = OutputWrapper(output), OutputWrapper(errors)
+    command.execute(**{**options, "dry_run": True})
+    assert "Would delete 0 expired keys" in output.getvalue()
+    assert "W001" not in errors.getvalue() + output.getvalue()
+    if connection.vendor == "sqlite":
+        checked = StringIO()
+        call_command("check", stdout=checked, stderr=checked)
+        assert "django_idempotency.W001" in checked.getvalue()
 
 
 @pytest.mark.django_db
