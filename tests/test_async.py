@@ -26,7 +26,9 @@ from django.utils.decorators import method_decorator
 from django.views import View
 
 from django_idempotency.decorators import idempotent
+from django_idempotency.engine import Call, Claim, Policy
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.stores import get_store
 from tests.factories import UserFactory
 from tests.lease_stores import (
     DATABASE,
@@ -205,7 +207,19 @@ def test_a_duplicate_while_the_first_awaits_gets_409(lease_store: str) -> None:
     assert orders() == 1
 
 
-def test_a_waiting_duplicate_replays_once_the_first_completes(lease_store: str) -> None:
+def test_a_waiting_duplicate_replays_once_the_first_completes(
+    lease_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store_class = type(get_store(lease_store))
+    claim = store_class.claim
+    attempts: list[Call] = []
+
+    def counted_claim(self: Any, call: Call, policy: Policy) -> Claim:
+        attempts.append(call)
+        return claim(self, call, policy)
+
+    monkeypatch.setattr(store_class, "claim", counted_claim)
+
     async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:
         entered, resume = asyncio.Event(), asyncio.Event()
 
@@ -218,9 +232,15 @@ def test_a_waiting_duplicate_replays_once_the_first_completes(lease_store: str) 
         await entered.wait()
         inside.clear()
         duplicate = asyncio.ensure_future(post(path="/async/waiting/"))
+
         # The duplicate polls with asyncio.sleep: the loop stays free, so the
-        # first request can finish while the duplicate waits.
-        await asyncio.sleep(0.2)
+        # first request can finish while the duplicate waits. Its attempts are
+        # counted: the first request's claim, then two of the duplicate's.
+        async def polled_twice() -> None:
+            while len(attempts) < 3:
+                await asyncio.sleep(0.005)  # lets the duplicate's polls run
+
+        await asyncio.wait_for(polled_twice(), timeout=30)
         assert not duplicate.done()
         resume.set()
         return await first, await duplicate

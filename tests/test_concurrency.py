@@ -18,6 +18,7 @@ from django.db import connection, connections
 from django.http.response import HttpResponseBase
 from django.test import Client
 
+from django_idempotency import signals
 from django_idempotency.models import IdempotencyKey
 from tests.concurrency_helpers import (
     PATIENCE,
@@ -297,11 +298,27 @@ def test_sqlite_serialises_different_keys_instead_of_refusing_them(
     assert Order.objects.count() == 10
 
 
-def test_an_unheld_burst_of_duplicates_executes_once(raced: Endpoint, sender: Any) -> None:
-    # No gate: the natural race, including duplicates arriving after the commit.
-    answers = Crowd(CROWD, sender(raced)).start().answers()
+@pytest.mark.usefixtures("short_sqlite_busy_timeout")
+def test_an_unheld_burst_of_duplicates_executes_once(
+    raced: Endpoint, sender: Any, view_hooks: dict[str, Any]
+) -> None:
+    # No gate the test opens: the natural race, including duplicates arriving
+    # after the commit. Only, the first execution stays in the view until a
+    # duplicate has been refused, so that the burst is sure to overlap it.
+    refused = threading.Event()
+
+    def on_conflict(**kwargs: Any) -> None:
+        refused.set()
+
+    signals.conflict.connect(on_conflict)
+    view_hooks["inside"] = lambda: refused.wait(PATIENCE)
+    try:
+        answers = Crowd(CROWD, sender(raced)).start().answers()
+    finally:
+        signals.conflict.disconnect(on_conflict)
 
     assert_no_errors(answers)
+    assert any(answer.status == 409 for answer in answers)  # they did overlap
     [first] = executed(answers)
     for other in answers:
         if other is first:
