@@ -278,11 +278,15 @@ def test_a_completed_claim_is_replayed_even_after_its_lease_ended(
     assert replay.body == b"late"
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_a_takeover_never_overwrites_a_completion_that_lands_first(
     frozen: Any, monkeypatch: pytest.MonkeyPatch, settings: Any
 ) -> None:
-    """The takeover's compare-and-set sees the late completion between read and write."""
+    """The takeover's compare-and-set sees the late completion between read and write.
+
+    The late completion comes from another session (its own thread and
+    database connection), committed before the takeover writes.
+    """
     store, policy = DatabaseStore("default"), policy_for("default")
     slow = store.claim(CALL, policy)
     frozen.shift(LEASE + 1)
@@ -291,7 +295,14 @@ def test_a_takeover_never_overwrites_a_completion_that_lands_first(
 
     def complete_just_before(self: DatabaseStore, *args: Any, **kwargs: Any) -> Claim | None:
         if not completions:
-            completions.append(store.complete(slow, Snapshot(201, body=b"slow"), policy))
+            late = Worker(
+                lambda: DatabaseStore("default").complete(
+                    slow, Snapshot(201, body=b"slow"), policy
+                ),
+                name="late worker",
+            )
+            late.start()
+            completions.append(late.outcome())
         return take_over(self, *args, **kwargs)
 
     monkeypatch.setattr(DatabaseStore, "_take_over", complete_just_before)
