@@ -166,6 +166,32 @@ def test_a_safe_method_is_untouched(lease_store: str) -> None:
     assert not response.has_header("Idempotent-Replayed")
 
 
+@pytest.mark.parametrize("key", ["", "k" * 256, "caf\u00e9", "a1,a2", '"unclosed'])
+@pytest.mark.parametrize("url", ["/async/", "/async/cbv/"])
+def test_a_malformed_key_is_400_and_nothing_runs(lease_store: str, url: str, key: str) -> None:
+    async def scenario() -> HttpResponseBase:
+        return await post(key=key, path=url)
+
+    response = run(scenario)
+
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/problem+json"
+    assert json.loads(response.content)["type"].endswith(":key-malformed")  # type: ignore[attr-defined]
+    assert orders() == 0
+
+
+@pytest.mark.parametrize("status", [401, 403, 408, 429])
+def test_a_status_a_retry_may_fix_keeps_nothing(lease_store: str, status: int) -> None:
+    async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:
+        return await post({"status": status}), await post({"status": status})
+
+    refused, retry = run(scenario)
+
+    assert refused.status_code == retry.status_code == status
+    assert not retry.has_header("Idempotent-Replayed")
+    assert orders() == 2
+
+
 @pytest.mark.parametrize("data", [{"raise": True}, {"status": 503}], ids=["raises", "503"])
 def test_a_failure_frees_the_key(lease_store: str, data: dict[str, Any]) -> None:
     async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:

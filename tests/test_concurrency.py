@@ -37,8 +37,9 @@ from tests.testapp.views import Boom
 pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
 
 CROWD = 20
-#: The entry points raced here: a plain Django view, a DRF function view, a viewset.
-RACED = [e for e in ENDPOINTS if e.name in {"plain", "api_function", "viewset_create"}]
+#: The entry points raced here: a plain Django view, a class-based view, a DRF
+#: function view, a viewset.
+RACED = [e for e in ENDPOINTS if e.name in {"plain", "cbv", "api_function", "viewset_create"}]
 
 needs_row_locks = pytest.mark.skipif(
     connection.vendor == "sqlite",
@@ -273,7 +274,8 @@ def test_different_keys_run_in_parallel(
     # serialised, the first to arrive would wait alone and the barrier break.
     all_inside = threading.Barrier(parallel, timeout=PATIENCE / 2)
     view_hooks["inside"] = all_inside.wait
-    answers = Crowd(parallel, sender(raced, key=lambda index: f"key-{index}")).start().answers()
+    keys = sender(raced, key=lambda index: f"{raced.name}-key-{index}")
+    answers = Crowd(parallel, keys).start().answers()
 
     assert_no_errors(answers)
     assert len(executed(answers)) == parallel

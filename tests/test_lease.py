@@ -111,14 +111,16 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 def count_claims(alias: str, monkeypatch: pytest.MonkeyPatch) -> list[Call]:
-    """The calls the store is asked to claim, in order (it still claims them)."""
+    """The calls the store has claimed or refused, in order (it still claims them)."""
     store_class = type(get_store(alias))
     claim = store_class.claim
     attempts: list[Call] = []
 
     def counted_claim(self: Any, call: Call, policy: Policy) -> Claim:
-        attempts.append(call)
-        return claim(self, call, policy)
+        try:
+            return claim(self, call, policy)
+        finally:
+            attempts.append(call)  # once answered: the store has seen the key's state
 
     monkeypatch.setattr(store_class, "claim", counted_claim)
     return attempts
