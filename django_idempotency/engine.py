@@ -14,8 +14,9 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
@@ -125,6 +126,44 @@ class Guard:
         return None if self.claim is None else self.claim.replay
 
 
+@dataclass(frozen=True)
+class Execution:
+    """The claimed call whose protected code is running in this context.
+
+    Steps and the outbox (:mod:`django_idempotency.workflow`,
+    :mod:`django_idempotency.outbox`) read it through :func:`current_execution`,
+    so they need no argument threaded through the protected code.
+    """
+
+    call: Call
+    claim: Claim
+    store: Store
+    policy: Policy
+    #: What code running inside keeps for the length of the execution (steps reached).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+_execution: ContextVar[Execution | None] = ContextVar("idempotency_execution", default=None)
+
+
+def current_execution() -> Execution | None:
+    """The execution :func:`protected` is running here, if any (sync code only)."""
+    return _execution.get()
+
+
+@contextlib.contextmanager
+def _executing(store: Store, guard: Guard, policy: Policy) -> Iterator[None]:
+    claim = guard.claim
+    if claim is None or claim.replay is not None:
+        yield
+        return
+    token = _execution.set(Execution(guard.call, claim, store, policy))
+    try:
+        yield
+    finally:
+        _execution.reset(token)
+
+
 def run(
     call: Call,
     policy: Policy,
@@ -161,12 +200,14 @@ def protected(call: Call, policy: Policy) -> Iterator[Guard]:
         # code's writes and the stored outcome commit together or not at all.
         with store.atomic():
             guard = _claim_or_refuse(store, call, lambda: store.claim(call, policy))
-            yield guard
+            with _executing(store, guard, policy):
+                yield guard
             _finish_atomic(store, guard, policy)
     else:
         guard = _claim_or_refuse(store, call, lambda: _claim_waiting(store, call, policy))
         try:
-            yield guard
+            with _executing(store, guard, policy):
+                yield guard
         except BaseException:
             _release_quietly(store, guard)
             raise

@@ -18,3 +18,6 @@ conflict = Signal()
 mismatch = Signal()
 #: An in-progress claim whose lease had ended was taken over.
 takeover = Signal()
+#: A step's result was recorded (sent after its transaction or savepoint ended);
+#: sent with ``name``, the step's name, as well.
+step_completed = Signal()
