@@ -255,3 +255,34 @@ def test_the_loop_stops_cleanly_on_sigterm(tmp_path: Any) -> None:
             process.wait(15)
     assert process.returncode == 0, err
     assert "Sent 0 outbox message(s)" in out
+
+
+# Purge ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_purge_deletes_expired_steps_and_old_sent_messages_never_unsent_ones() -> None:
+    from django_idempotency.models import IdempotencyStep
+
+    now = timezone.now()
+    for name, expires in (("old", now - timedelta(seconds=1)), ("live", now + timedelta(hours=1))):
+        IdempotencyStep.objects.create(
+            scope="s", key="k", name=name, fingerprint="f", token="t", result="1", expires=expires
+        )
+    week = timedelta(days=7)
+    enqueue("unsent-old", {})
+    OutboxMessage.objects.filter(topic="unsent-old").update(created=now - week * 2)
+    for topic, sent in (("sent-old", now - week - timedelta(seconds=1)), ("sent-new", now)):
+        message = enqueue(topic, {})
+        OutboxMessage.objects.filter(pk=message.pk).update(state="sent", sent=sent)
+
+    out = StringIO()
+    call_command("purge_idempotency_keys", stdout=out)
+
+    assert out.getvalue() == (
+        "Deleted 0 expired keys in 0 batch(es).\n"
+        "Deleted 1 expired steps in 1 batch(es).\n"
+        "Deleted 1 sent outbox messages in 1 batch(es).\n"
+    )
+    assert list(IdempotencyStep.objects.values_list("name", flat=True)) == ["live"]
+    assert topics() == ["sent-new", "unsent-old"]
