@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import json
+from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
@@ -445,7 +446,7 @@ def _when(value: Any) -> str:
     return str(formats.localize(timezone.localtime(value)))
 
 
-def _table(headings: tuple[Any, ...], rows: list[tuple[str, ...]], empty: str) -> SafeString:
+def _table(headings: tuple[Any, ...], rows: Sequence[tuple[Any, ...]], empty: str) -> SafeString:
     if not rows:
         return format_html("{}", empty)
     head = format_html_join("", "<th>{}</th>", ((heading,) for heading in headings))
@@ -535,9 +536,7 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         count = outbox.retry_now(queryset.db, list(queryset.values_list("pk", flat=True)))
         self.message_user(
             request,
-            ngettext(
-                "%(count)d message is due now.", "%(count)d messages are due now.", count
-            )
+            ngettext("%(count)d message is due now.", "%(count)d messages are due now.", count)
             % {"count": count},
             messages.SUCCESS,
         )

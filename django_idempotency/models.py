@@ -106,9 +106,7 @@ class IdempotencyStep(models.Model):
         verbose_name = _("idempotency step")
         verbose_name_plural = _("idempotency steps")
         constraints = (
-            models.UniqueConstraint(
-                fields=("scope", "key", "name"), name="idempotency_step_uniq"
-            ),
+            models.UniqueConstraint(fields=("scope", "key", "name"), name="idempotency_step_uniq"),
         )
         indexes = (models.Index(fields=("expires",), name="idempotency_step_expires_idx"),)
 

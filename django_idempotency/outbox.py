@@ -109,7 +109,8 @@ def get_sender() -> Sender:
 
 def backoff(attempts: int) -> timedelta:
     """The pause before the next send after ``attempts`` failed ones."""
-    return min(FIRST_BACKOFF * 2 ** max(0, min(attempts - 1, 20)), MAX_BACKOFF)
+    pause: timedelta = FIRST_BACKOFF * 2 ** max(0, min(attempts - 1, 20))
+    return min(pause, MAX_BACKOFF)
 
 
 @dataclass

@@ -183,9 +183,7 @@ def _recorded(database: str, execution: Execution, name: str) -> tuple[Any] | No
         ).delete()
         return None
     if fingerprint != call.fingerprint:
-        raise FingerprintMismatch(
-            "This idempotency key has recorded steps of a different request."
-        )
+        raise FingerprintMismatch("This idempotency key has recorded steps of a different request.")
     return (json.loads(result),)
 
 

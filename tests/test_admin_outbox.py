@@ -26,12 +26,22 @@ def test_a_key_shows_its_steps_and_messages(admin_client: Client) -> None:
     key = IdempotencyKeyFactory(key="pay-1", scope="user:1")
     now = timezone.now()
     IdempotencyStep.objects.create(
-        scope="user:1", key="pay-1", name="charge", fingerprint="f", token="t",
-        result='"ch_<1>"', expires=now + timedelta(days=1),
+        scope="user:1",
+        key="pay-1",
+        name="charge",
+        fingerprint="f",
+        token="t",
+        result='"ch_<1>"',
+        expires=now + timedelta(days=1),
     )
     IdempotencyStep.objects.create(
-        scope="user:2", key="pay-1", name="not-mine", fingerprint="f", token="t",
-        result="1", expires=now + timedelta(days=1),
+        scope="user:2",
+        key="pay-1",
+        name="not-mine",
+        fingerprint="f",
+        token="t",
+        result="1",
+        expires=now + timedelta(days=1),
     )
     message(scope="user:1", idempotency_key="pay-1", step="charge", last_error="Boom: <x>")
 
@@ -43,7 +53,8 @@ def test_a_key_shows_its_steps_and_messages(admin_client: Client) -> None:
     assert "<td>charge</td>" in page
     assert "&quot;ch_&lt;1&gt;&quot;" in page  # escaped
     assert "not-mine" not in page
-    assert "<td>mail</td>" in page and "Boom: &lt;x&gt;" in page
+    assert "<td>mail</td>" in page
+    assert "Boom: &lt;x&gt;" in page
 
 
 def test_a_key_without_steps_says_so(admin_client: Client) -> None:
@@ -51,7 +62,8 @@ def test_a_key_without_steps_says_so(admin_client: Client) -> None:
     page = admin_client.get(
         reverse("admin:django_idempotency_idempotencykey_change", args=[key.pk])
     ).content.decode()
-    assert "No step recorded." in page and "No message enqueued." in page
+    assert "No step recorded." in page
+    assert "No message enqueued." in page
 
 
 def test_the_outbox_list_filters_failing_messages(admin_client: Client) -> None:

@@ -64,7 +64,8 @@ def test_a_payment_charges_once_and_books_once(alice: Client) -> None:
     assert (replay.status_code, replay.content) == (201, first.content)
     (charge,) = ProviderCharge.objects.all()
     assert first.json()["reference"] == charge.reference
-    assert charge.idempotency_key is not None and charge.idempotency_key.startswith("idk_")
+    assert charge.idempotency_key is not None
+    assert charge.idempotency_key.startswith("idk_")
     assert set(IdempotencyStep.objects.values_list("name", flat=True)) == {
         "payment",
         "charge",

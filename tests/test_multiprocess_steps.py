@@ -20,14 +20,11 @@ from typing import Any
 
 import pytest
 
+from tests import test_multiprocess
 from tests.multiprocess import harness
 from tests.multiprocess.harness import PATIENCE, Gate, InFlight, Reply, serial
 from tests.multiprocess.shop import PAYMENTS, Shop, Target, User, new_key
-from tests.test_multiprocess import (  # noqa: F401 (the module's server, as a fixture)
-    assert_dropped,
-    retry_through_lease,
-    shop,
-)
+from tests.test_multiprocess import assert_dropped, retry_through_lease
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -36,6 +33,9 @@ pytestmark = [
         reason="needs DATABASE_URL pointing at PostgreSQL (a real server for gunicorn's workers)",
     ),
 ]
+
+#: The module's server: the example shop under gunicorn (see tests/test_multiprocess.py).
+shop = test_multiprocess.shop
 
 #: The payment view under a 2-second lease, so that a retry soon takes over.
 TARGET = Target(PAYMENTS, "lease-short")
@@ -105,7 +105,8 @@ def assert_paid_once(
     assert requests == asked
     assert len(messages(shop, reference)) == 1
     body = reply.json()
-    assert reply.status == 201 and not reply.replayed
+    assert reply.status == 201
+    assert not reply.replayed
     assert (body["id"], body["reference"], body["amount_cents"], body["order"]) == (
         payment_id,
         reference,
@@ -113,7 +114,8 @@ def assert_paid_once(
         user.order,
     )
     replay = send_payment(shop, key, number)
-    assert replay.replayed and replay.body == reply.body
+    assert replay.replayed
+    assert replay.body == reply.body
     relay_all(shop)
     assert [state for _, state in messages(shop, reference)] == ["sent"]
     assert ledger(shop, payment_id) == 1
@@ -190,11 +192,14 @@ def test_a_relay_killed_mid_batch_loses_nothing_and_books_once(shop: Shop) -> No
         relay.wait(PATIENCE)
     (shop.fault_dir / "relay.inside").unlink()
     delivered_before = _deliveries(log)
-    assert len(delivered_before) == 3 and inside["pid"] == relay.pid
+    assert len(delivered_before) == 3
+    assert inside["pid"] == relay.pid
     relay_all(shop)  # taken again once the killed relay's claim (1 s) has ended
 
     deliveries = _deliveries(log)
-    ids = {str(message_id) for reference in references for message_id, _ in messages(shop, reference)}
+    ids = {
+        str(message_id) for reference in references for message_id, _ in messages(shop, reference)
+    }
     assert set(deliveries) == ids  # every message delivered
     assert deliveries.count(delivered_before[-1]) == 2  # the one in hand, again
     for number, reference in zip(numbers, references, strict=True):

@@ -83,9 +83,13 @@ def test_a_message_of_failed_work_is_never_written(mode: str) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_atomic_mode_enqueues_with_the_stored_outcome() -> None:
-    with pytest.raises(KeyError), idempotent_block("k3", scope="shop", payload=PAYLOAD) as block:
-        enqueue("mail", {})
-        raise KeyError
+    def fail() -> None:
+        with idempotent_block("k3", scope="shop", payload=PAYLOAD):
+            enqueue("mail", {})
+            raise KeyError
+
+    with pytest.raises(KeyError):
+        fail()
     assert topics() == []
     with idempotent_block("k3", scope="shop", payload=PAYLOAD) as block:
         enqueue("mail", {})
@@ -105,9 +109,13 @@ def test_lease_mode_refuses_a_message_outside_a_step() -> None:
 
 @pytest.mark.django_db
 def test_outside_protected_code_it_joins_the_callers_transaction() -> None:
-    with pytest.raises(KeyError), transaction.atomic():
-        enqueue("mail", {})
-        raise KeyError
+    def fail() -> None:
+        with transaction.atomic():
+            enqueue("mail", {})
+            raise KeyError
+
+    with pytest.raises(KeyError):
+        fail()
     message = enqueue("mail", {"n": 1})
     assert (message.scope, message.idempotency_key, message.step) == ("", "", "")
     assert topics() == ["mail"]

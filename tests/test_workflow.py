@@ -7,6 +7,7 @@ MariaDB); the concurrent ones use real threads with their own connections.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from datetime import timedelta
 from typing import Any
@@ -234,24 +235,26 @@ def test_a_duplicate_while_a_step_runs_is_refused_and_the_step_runs_once() -> No
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("mode", ["atomic", "lease"])
 def test_a_non_serialisable_result_records_nothing(mode: str) -> None:
-    with (
-        pytest.raises(TypeError, match="step 'bad' must be JSON-serialisable"),
-        idempotent_block("k8", scope="shop", payload=PAYLOAD, mode=mode),
-    ):
-        step("ok", lambda: order("ok"))
-        step("bad", lambda: (order("bad"), object())[1])
+    def run() -> None:
+        with idempotent_block("k8", scope="shop", payload=PAYLOAD, mode=mode):
+            step("ok", lambda: order("ok"))
+            step("bad", lambda: (order("bad"), object())[1])
+
+    with pytest.raises(TypeError, match="step 'bad' must be JSON-serialisable"):
+        run()
     assert items() == ([] if mode == "atomic" else ["ok"])
     assert set(steps_of("k8")) == (set() if mode == "atomic" else {"ok"})
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_step_name_used_twice_is_refused_before_it_runs() -> None:
-    with (
-        pytest.raises(StepError, match="Step 'a' runs twice"),
-        idempotent_block("k9", scope="shop", payload=PAYLOAD, mode="lease"),
-    ):
-        step("a", lambda: order("a1"))
-        step("a", lambda: order("a2"))
+    def run() -> None:
+        with idempotent_block("k9", scope="shop", payload=PAYLOAD, mode="lease"):
+            step("a", lambda: order("a1"))
+            step("a", lambda: order("a2"))
+
+    with pytest.raises(StepError, match="Step 'a' runs twice"):
+        run()
     assert items() == ["a1"]
 
 
@@ -298,22 +301,27 @@ def test_steps_need_the_database_store(redis_records: None) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_derived_keys_are_stable_per_key_and_reveal_nothing() -> None:
-    seen = []
-    for scope, key, name in [
-        ("user:1", "abc", "charge"),
-        ("user:1", "abc", "charge"),
-        ("user:2", "abc", "charge"),
-        ("user:1", "abd", "charge"),
-        ("user:1", "abc", "refund"),
-    ]:
-        with (
-            pytest.raises(Boom),
-            idempotent_block(key, scope=scope, payload=PAYLOAD, mode="lease"),
-        ):
-            seen.append(derived_key(name))
-            raise Boom
+    def derive(scope: str, key: str, name: str) -> str:
+        derived: list[str] = []
+        with contextlib.suppress(Boom), idempotent_block(key, scope=scope, payload=PAYLOAD):
+            derived.append(derived_key(name))
+            raise Boom  # frees the key: the next call with it runs again
+        return derived[0]
+
+    seen = [
+        derive(scope, key, name)
+        for scope, key, name in [
+            ("user:1", "abc", "charge"),
+            ("user:1", "abc", "charge"),
+            ("user:2", "abc", "charge"),
+            ("user:1", "abd", "charge"),
+            ("user:1", "abc", "refund"),
+        ]
+    ]
     assert seen[0] == seen[1]
     assert len(set(seen)) == 4
     for value in seen:
-        assert value.startswith("idk_") and len(value) == 68
-        assert "user" not in value and "abc" not in value
+        assert value.startswith("idk_")
+        assert len(value) == 68
+        assert "user" not in value
+        assert "abc" not in value

@@ -7,52 +7,151 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('django_idempotency', '0001_initial'),
+        ("django_idempotency", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='IdempotencyStep',
+            name="IdempotencyStep",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('scope', django_idempotency.models.ExactCharField(max_length=255, verbose_name='scope')),
-                ('key', django_idempotency.models.ExactCharField(max_length=255, verbose_name='key')),
-                ('name', django_idempotency.models.ExactCharField(max_length=100, verbose_name='name')),
-                ('fingerprint', models.CharField(help_text='Fingerprint of the request that ran it.', max_length=64, verbose_name='fingerprint')),
-                ('token', models.CharField(help_text='Fencing token of the claim that ran it.', max_length=32, verbose_name='owner token')),
-                ('result', models.TextField(help_text="The step's result, as JSON.", verbose_name='result')),
-                ('created', models.DateTimeField(default=django.utils.timezone.now, verbose_name='recorded')),
-                ('expires', models.DateTimeField(verbose_name='expires')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "scope",
+                    django_idempotency.models.ExactCharField(max_length=255, verbose_name="scope"),
+                ),
+                (
+                    "key",
+                    django_idempotency.models.ExactCharField(max_length=255, verbose_name="key"),
+                ),
+                (
+                    "name",
+                    django_idempotency.models.ExactCharField(max_length=100, verbose_name="name"),
+                ),
+                (
+                    "fingerprint",
+                    models.CharField(
+                        help_text="Fingerprint of the request that ran it.",
+                        max_length=64,
+                        verbose_name="fingerprint",
+                    ),
+                ),
+                (
+                    "token",
+                    models.CharField(
+                        help_text="Fencing token of the claim that ran it.",
+                        max_length=32,
+                        verbose_name="owner token",
+                    ),
+                ),
+                (
+                    "result",
+                    models.TextField(
+                        help_text="The step's result, as JSON.", verbose_name="result"
+                    ),
+                ),
+                (
+                    "created",
+                    models.DateTimeField(
+                        default=django.utils.timezone.now, verbose_name="recorded"
+                    ),
+                ),
+                ("expires", models.DateTimeField(verbose_name="expires")),
             ],
             options={
-                'verbose_name': 'idempotency step',
-                'verbose_name_plural': 'idempotency steps',
-                'indexes': [models.Index(fields=['expires'], name='idempotency_step_expires_idx')],
-                'constraints': [models.UniqueConstraint(fields=('scope', 'key', 'name'), name='idempotency_step_uniq')],
+                "verbose_name": "idempotency step",
+                "verbose_name_plural": "idempotency steps",
+                "indexes": [models.Index(fields=["expires"], name="idempotency_step_expires_idx")],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("scope", "key", "name"), name="idempotency_step_uniq"
+                    )
+                ],
             },
         ),
         migrations.CreateModel(
-            name='OutboxMessage',
+            name="OutboxMessage",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False, verbose_name='message id')),
-                ('topic', models.CharField(max_length=200, verbose_name='topic')),
-                ('payload', models.JSONField(default=dict, verbose_name='payload')),
-                ('state', models.CharField(choices=[('pending', 'pending'), ('sent', 'sent')], default='pending', max_length=16, verbose_name='state')),
-                ('attempts', models.PositiveIntegerField(default=0, verbose_name='attempts')),
-                ('next_attempt', models.DateTimeField(default=django.utils.timezone.now, help_text='When a relay may (re)send it; pushed back while a relay sends it.', verbose_name='next attempt')),
-                ('last_error', models.TextField(blank=True, verbose_name='last error')),
-                ('created', models.DateTimeField(default=django.utils.timezone.now, verbose_name='created')),
-                ('sent', models.DateTimeField(blank=True, null=True, verbose_name='sent')),
-                ('scope', django_idempotency.models.ExactCharField(blank=True, help_text='Scope of the key that enqueued it.', max_length=255, verbose_name='scope')),
-                ('idempotency_key', django_idempotency.models.ExactCharField(blank=True, help_text='The key that enqueued it.', max_length=255, verbose_name='idempotency key')),
-                ('step', models.CharField(blank=True, help_text='The step that enqueued it, if any.', max_length=100, verbose_name='step')),
+                (
+                    "id",
+                    models.UUIDField(
+                        default=uuid.uuid4,
+                        editable=False,
+                        primary_key=True,
+                        serialize=False,
+                        verbose_name="message id",
+                    ),
+                ),
+                ("topic", models.CharField(max_length=200, verbose_name="topic")),
+                ("payload", models.JSONField(default=dict, verbose_name="payload")),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[("pending", "pending"), ("sent", "sent")],
+                        default="pending",
+                        max_length=16,
+                        verbose_name="state",
+                    ),
+                ),
+                ("attempts", models.PositiveIntegerField(default=0, verbose_name="attempts")),
+                (
+                    "next_attempt",
+                    models.DateTimeField(
+                        default=django.utils.timezone.now,
+                        help_text="When a relay may (re)send it; pushed back while a relay sends it.",
+                        verbose_name="next attempt",
+                    ),
+                ),
+                ("last_error", models.TextField(blank=True, verbose_name="last error")),
+                (
+                    "created",
+                    models.DateTimeField(default=django.utils.timezone.now, verbose_name="created"),
+                ),
+                ("sent", models.DateTimeField(blank=True, null=True, verbose_name="sent")),
+                (
+                    "scope",
+                    django_idempotency.models.ExactCharField(
+                        blank=True,
+                        help_text="Scope of the key that enqueued it.",
+                        max_length=255,
+                        verbose_name="scope",
+                    ),
+                ),
+                (
+                    "idempotency_key",
+                    django_idempotency.models.ExactCharField(
+                        blank=True,
+                        help_text="The key that enqueued it.",
+                        max_length=255,
+                        verbose_name="idempotency key",
+                    ),
+                ),
+                (
+                    "step",
+                    models.CharField(
+                        blank=True,
+                        help_text="The step that enqueued it, if any.",
+                        max_length=100,
+                        verbose_name="step",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'outbox message',
-                'verbose_name_plural': 'outbox messages',
-                'indexes': [models.Index(fields=['state', 'next_attempt'], name='idempotency_outbox_due_idx'), models.Index(fields=['scope', 'idempotency_key'], name='idempotency_outbox_key_idx')],
+                "verbose_name": "outbox message",
+                "verbose_name_plural": "outbox messages",
+                "indexes": [
+                    models.Index(
+                        fields=["state", "next_attempt"], name="idempotency_outbox_due_idx"
+                    ),
+                    models.Index(
+                        fields=["scope", "idempotency_key"], name="idempotency_outbox_key_idx"
+                    ),
+                ],
             },
         ),
     ]

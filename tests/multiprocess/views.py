@@ -39,8 +39,8 @@ from django_idempotency.decorators import idempotent
 from django_idempotency.models import OutboxMessage
 from example_project.shop import provider
 from example_project.shop import views as shop
-from example_project.shop.outbox import deliver
 from example_project.shop.models import Order
+from example_project.shop.outbox import deliver
 
 #: Options of ``@idempotent`` per protection; the views under ``/mp/<name>/``.
 PROTECTIONS: dict[str, dict[str, Any]] = {

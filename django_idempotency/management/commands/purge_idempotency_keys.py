@@ -12,8 +12,8 @@ from django.db.models import Model, Q, QuerySet
 from django.utils import timezone
 
 from django_idempotency import purge
-from django_idempotency.durations import parse_duration
 from django_idempotency.conf import app_settings, to_seconds
+from django_idempotency.durations import parse_duration
 from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
 
 

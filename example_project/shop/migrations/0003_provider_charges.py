@@ -4,29 +4,36 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('shop', '0002_ledger_entry'),
+        ("shop", "0002_ledger_entry"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='ProviderCharge',
+            name="ProviderCharge",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('reference', models.CharField(max_length=64, unique=True)),
-                ('idempotency_key', models.CharField(blank=True, max_length=255, null=True, unique=True)),
-                ('amount_cents', models.PositiveIntegerField()),
-                ('requests', models.PositiveIntegerField(default=1)),
-                ('created', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("reference", models.CharField(max_length=64, unique=True)),
+                (
+                    "idempotency_key",
+                    models.CharField(blank=True, max_length=255, null=True, unique=True),
+                ),
+                ("amount_cents", models.PositiveIntegerField()),
+                ("requests", models.PositiveIntegerField(default=1)),
+                ("created", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ('-created', '-pk'),
+                "ordering": ("-created", "-pk"),
             },
         ),
         migrations.AlterField(
-            model_name='payment',
-            name='reference',
+            model_name="payment",
+            name="reference",
             field=models.CharField(blank=True, max_length=64, null=True, unique=True),
         ),
     ]
