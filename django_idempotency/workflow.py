@@ -12,8 +12,9 @@ that deduplicates on one (Stripe's ``Idempotency-Key``, for example).
 Steps need the database store. In ``lease`` mode each step is a transaction
 of its own, fenced by the claim's token: a worker that lost its lease to a
 takeover cannot record a step (:class:`LeaseLost`), and its step's writes roll
-back. In ``atomic`` mode a step is a savepoint of the request's transaction:
-its record lives and dies with that transaction, like every other write.
+back. In ``atomic`` mode a step is part of the request's transaction: its
+record lives and dies with that transaction, like every other write, and a
+step that raises dooms the transaction as any failure of the view does.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
 from django_idempotency import signals
-from django_idempotency.engine import Execution, current_execution
+from django_idempotency.engine import ATOMIC, Execution, current_execution
 from django_idempotency.exceptions import FingerprintMismatch
 from django_idempotency.models import IdempotencyKey, IdempotencyStep
 from django_idempotency.stores.database import DatabaseStore
@@ -64,6 +65,8 @@ class _Progress:
     names: set[str] = field(default_factory=set)
     #: The step running now, if any (the outbox writes into its transaction).
     running: str | None = None
+    #: The results recorded before this execution, by step name (read at its first step).
+    recorded: dict[str, Any] | None = None
 
 
 _NOTE = "django_idempotency.workflow"
@@ -81,12 +84,18 @@ def step(name: str, fn: Callable[[], T]) -> T:
     progress = _progress_of(execution)
     _check_name(name, progress)
     store_db = database_of(execution, name)
-    recorded = _recorded(store_db, execution, name)
-    if recorded is not None:
+    if progress.recorded is None:
+        # One read per execution, at its first step: what earlier ones recorded.
+        progress.recorded = _recorded(store_db, execution)
+    if name in progress.recorded:
         progress.names.add(name)
         logger.info("Step %r of %s resumed from its record", name, execution.call)
-        return recorded[0]  # type: ignore[no-any-return]
-    with transaction.atomic(using=store_db):
+        return progress.recorded[name]  # type: ignore[no-any-return]
+    # Lease mode: the step's own transaction. Atomic mode: part of the request's
+    # transaction, without a savepoint: a step that raises dooms that
+    # transaction, as any failure of the protected code does.
+    own_transaction = execution.policy.mode != ATOMIC
+    with transaction.atomic(using=store_db, savepoint=own_transaction):
         progress.running = name
         try:
             result = fn()
@@ -165,26 +174,30 @@ def database_of(execution: Execution, name: str) -> str:
     return execution.store.db
 
 
-def _recorded(database: str, execution: Execution, name: str) -> tuple[Any] | None:
-    """The recorded result of step ``name`` of the current key, if it has one."""
+def _recorded(database: str, execution: Execution) -> dict[str, Any]:
+    """The results recorded under the current key, by step name."""
     call = execution.call
     connection = transaction.get_connection(database)
-    statements = _statements(connection)
     with connection.cursor() as cursor:
-        cursor.execute(statements.select, [call.scope, call.key, name])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    fingerprint, result, expires = row
-    if _aware(connection, expires) <= timezone.now():
-        # The key's retention ended: the key is new again, and so are its steps.
+        cursor.execute(_statements(connection).select, [call.scope, call.key])
+        rows = cursor.fetchall()
+    now = timezone.now()
+    recorded = {}
+    expired = []
+    for name, fingerprint, result, expires in rows:
+        if _aware(connection, expires) <= now:
+            expired.append(name)  # the key's retention ended: the key is new again
+        elif fingerprint != call.fingerprint:
+            raise FingerprintMismatch(
+                "This idempotency key has recorded steps of a different request."
+            )
+        else:
+            recorded[name] = json.loads(result)
+    if expired:
         IdempotencyStep.objects.using(database).filter(
-            scope=call.scope, key=call.key, name=name
+            scope=call.scope, key=call.key, name__in=expired
         ).delete()
-        return None
-    if fingerprint != call.fingerprint:
-        raise FingerprintMismatch("This idempotency key has recorded steps of a different request.")
-    return (json.loads(result),)
+    return recorded
 
 
 def _record(database: str, execution: Execution, name: str, body: str) -> None:
@@ -213,10 +226,11 @@ def _record(database: str, execution: Execution, name: str, body: str) -> None:
             cursor.execute(_statements(connection).record, params)
             recorded = cursor.rowcount == 1
     except IntegrityError:
-        recorded = False  # a new owner recorded it first
+        recorded = False  # recorded meanwhile by an owner that lost its lease late
     if not recorded:
         raise LeaseLost(
-            f"Step {name!r} of {call} was not recorded: the key was taken over while it ran."
+            f"Step {name!r} of {call} was not recorded: the key was taken over while it "
+            "ran, or another execution of the key recorded it first."
         )
 
 
@@ -271,11 +285,12 @@ def _build(connection: BaseDatabaseWrapper) -> _Statements:
         )
     else:
         values = ", ".join(["%s"] * len(names))
+    selected = ", ".join(
+        column(IdempotencyStep, name) for name in ("name", "fingerprint", "result", "expires")
+    )
     select = (
-        f"SELECT {column(IdempotencyStep, 'fingerprint')}, {column(IdempotencyStep, 'result')}, "
-        f"{column(IdempotencyStep, 'expires')} FROM {steps} WHERE "
-        f"{column(IdempotencyStep, 'scope')} = %s AND {column(IdempotencyStep, 'key')} = %s "
-        f"AND {column(IdempotencyStep, 'name')} = %s"
+        f"SELECT {selected} FROM {steps} WHERE "
+        f"{column(IdempotencyStep, 'scope')} = %s AND {column(IdempotencyStep, 'key')} = %s"
     )
     # Fenced: the row is written only while the claim's token still owns the key.
     record = (
