@@ -136,7 +136,8 @@ def _require_execution(name: str) -> Execution:
         raise StepError(
             f"Step {name!r} is used outside protected code: steps and derived keys work "
             "inside a view under @idempotent or IdempotencyMixin, an idempotent_function "
-            "or an idempotent_block, where an idempotency key is claimed."
+            "or an idempotent_block, where an idempotency key is claimed (synchronous "
+            "code only: async views have no steps)."
         )
     return execution
 

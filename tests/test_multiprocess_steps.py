@@ -22,9 +22,9 @@ import pytest
 
 from tests import test_multiprocess
 from tests.multiprocess import harness
-from tests.multiprocess.harness import PATIENCE, Gate, InFlight, Reply, serial
+from tests.multiprocess.harness import PATIENCE, Gate, InFlight, Reply, serial, stampede
 from tests.multiprocess.shop import PAYMENTS, Shop, Target, User, new_key
-from tests.test_multiprocess import assert_dropped, retry_through_lease
+from tests.test_multiprocess import assert_conflict, assert_dropped, retry_through_lease
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -144,6 +144,27 @@ def test_a_worker_killed_at_a_step_boundary_pays_exactly_once(shop: Shop, bounda
     assert set(reply.json()) == set(clean.json())
     assert_paid_once(shop, user, key, number, reply, BOUNDARIES[boundary])
     shop.server.wait_for_workers()
+
+
+def test_duplicates_while_a_step_runs_are_refused_and_each_step_runs_once(shop: Shop) -> None:
+    key, number = new_key("dup-step"), serial()
+    gate = Gate(shop.fault_dir, f"dup-step-{number}")
+    request = InFlight.start(
+        lambda: send_payment(shop, key, number, {**gate.headers, "X-Hold-At": "provider"})
+    )
+    gate.wait_inside(request)  # inside step "charge", the provider has charged
+    duplicates = stampede([lambda: send_payment(shop, key, number) for _ in range(6)])
+    gate.open()
+    first = request.result()
+
+    for reply in duplicates:
+        assert_conflict(reply)
+    assert isinstance(first, Reply), first
+    assert first.executed, first
+    ((_, _, requests),) = charges(shop, number)
+    assert requests == 1
+    assert len(payment_rows(shop, number)) == 1
+    assert send_payment(shop, key, number).replayed
 
 
 # The relay, killed in the middle of a batch ------------------------------------
