@@ -488,7 +488,6 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_filter = ("state", FailingFilter, "topic")
     search_fields = ("=id", "topic", "=idempotency_key")
     search_help_text = _("Searches topics; message ids and keys exactly.")
-    date_hierarchy = "created"
     ordering = ("-created",)
     show_facets = admin.ShowFacets.NEVER
     actions = ("retry_now",)
