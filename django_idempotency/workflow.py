@@ -95,6 +95,8 @@ def step(name: str, fn: Callable[[], T]) -> T:
     # transaction, without a savepoint: a step that raises dooms that
     # transaction, as any failure of the protected code does.
     own_transaction = execution.policy.mode != ATOMIC
+    if own_transaction:
+        _require_durable(store_db, name)
     with transaction.atomic(using=store_db, savepoint=own_transaction):
         progress.running = name
         try:
@@ -147,6 +149,19 @@ def _progress_of(execution: Execution) -> _Progress:
     if not isinstance(progress, _Progress):
         progress = execution.notes[_NOTE] = _Progress()
     return progress
+
+
+def _require_durable(database: str, name: str) -> None:
+    """Refuse a lease-mode step inside a transaction: its record would not be durable."""
+    blocks = transaction.get_connection(database).atomic_blocks
+    # Django's own test cases wrap every test in a transaction: not a caller's.
+    if blocks and not getattr(blocks[-1], "_from_testcase", False):
+        raise StepError(
+            f"Step {name!r} runs in lease mode inside a transaction (ATOMIC_REQUESTS, or "
+            "transaction.atomic around the protected code): its record would commit only "
+            "with that transaction, and a crash would lose it. Exclude the view with "
+            "@transaction.non_atomic_requests, or call the step outside the atomic block."
+        )
 
 
 def _check_name(name: str, progress: _Progress) -> None:

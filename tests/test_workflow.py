@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import time_machine
 from django.core.exceptions import ImproperlyConfigured
+from django.db import transaction
 from django.utils import timezone
 
 from django_idempotency.decorators import idempotent_block, idempotent_function
@@ -325,3 +326,17 @@ def test_derived_keys_are_stable_per_key_and_reveal_nothing() -> None:
         assert len(value) == 68
         assert "user" not in value
         assert "abc" not in value
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_mode_step_inside_a_transaction_is_refused() -> None:
+    def run() -> None:
+        with (
+            transaction.atomic(),
+            idempotent_block("k13", scope="shop", payload=PAYLOAD, mode="lease"),
+        ):
+            step("a", lambda: order("never"))
+
+    with pytest.raises(StepError, match="inside a transaction"):
+        run()
+    assert items() == []
