@@ -17,7 +17,7 @@ from django.utils.module_loading import import_string
 
 from django_idempotency.conf import app_settings
 from django_idempotency.decorators import handler_options
-from django_idempotency.engine import ATOMIC, MODES
+from django_idempotency.protocol import ATOMIC, MODES
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 field name
 _KNOWN_METHODS = {"POST", "PUT", "PATCH", "DELETE"}

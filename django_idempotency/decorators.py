@@ -7,7 +7,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial, wraps
 from typing import Any, TypeVar, overload
@@ -20,9 +20,10 @@ from django.http.response import HttpResponseBase
 
 from django_idempotency import engine
 from django_idempotency.conf import app_settings, load_callable, to_seconds
-from django_idempotency.engine import Call, Executed, Policy, Replayed, Snapshot
+from django_idempotency.engine import Executed, Replayed
 from django_idempotency.exceptions import IdempotencyError, KeyMalformed, KeyMissing
 from django_idempotency.keys import MAX_KEY_LENGTH, parse_key
+from django_idempotency.protocol import MODES, Call, Policy, Snapshot
 from django_idempotency.responses import conclude, problem_response, replay_response
 
 ViewFunc = TypeVar("ViewFunc", bound=Callable[..., HttpResponseBase])
@@ -48,9 +49,9 @@ class Options:
     store: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode is not None and self.mode not in engine.MODES:
+        if self.mode is not None and self.mode not in MODES:
             raise ImproperlyConfigured(
-                f"mode must be one of {', '.join(engine.MODES)}, not {self.mode!r}."
+                f"mode must be one of {', '.join(MODES)}, not {self.mode!r}."
             )
         for name in ("retention", "lease"):
             value = getattr(self, name)
@@ -89,7 +90,7 @@ class Options:
             return to_seconds(default if value is None else value)
 
         return Policy(
-            mode=self.mode or app_settings.MODE,
+            mode=self.mode,
             retention=seconds(self.retention, app_settings.RETENTION),
             lease=seconds(self.lease, app_settings.LEASE),
             wait=seconds(self.wait, app_settings.WAIT),
@@ -221,10 +222,11 @@ AsyncView = Callable[[], Awaitable[HttpResponseBase]]
 
 
 def _async_view(view_func: Callable[..., Any], options: Options) -> Any:
-    if options.mode == engine.ATOMIC:
+    refusal = engine.async_mode_refusal(options.mode)
+    if refusal is not None:
         raise ImproperlyConfigured(
             f'@idempotent(mode="atomic") cannot protect the async view {view_func.__name__}: '
-            'a transaction cannot span an await. Async views run in "lease" mode.'
+            f"{refusal}"
         )
 
     @wraps(view_func)
@@ -245,10 +247,7 @@ async def protect_async(
         call = await sync_to_async(options.call)(request)
         if call is None:
             return await view()
-        # A global IDEMPOTENCY_MODE = "atomic" cannot apply here; the view's
-        # own mode="atomic" was refused when it was decorated.
-        policy = replace(options.policy(), mode=engine.LEASE)
-        outcome = await engine.run_async(call, policy, view, partial(conclude, request))
+        outcome = await engine.run_async(call, options.policy(), view, partial(conclude, request))
     except IdempotencyError as error:
         return problem_response(error)
     return _response(outcome)

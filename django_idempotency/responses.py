@@ -10,8 +10,8 @@ from django.http.response import HttpResponseBase
 from django.template.response import SimpleTemplateResponse
 
 from django_idempotency.conf import app_settings
-from django_idempotency.engine import Conclusion, Discard, Snapshot
 from django_idempotency.exceptions import IdempotencyError, RequestInProgress
+from django_idempotency.protocol import Conclusion, Discard, Snapshot
 
 logger = logging.getLogger("django_idempotency")
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -22,13 +22,11 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import F
 from django.utils import timezone
 
-from django_idempotency import signals
-from django_idempotency.engine import ATOMIC, Call, Claim, Policy, Snapshot
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
 from django_idempotency.models import IdempotencyKey
-from django_idempotency.stores import Store, postgresql, sql
-
-logger = logging.getLogger("django_idempotency")
+from django_idempotency.protocol import ATOMIC, Call, Claim, Execute, Policy, Replay, Snapshot
+from django_idempotency.stores import postgresql, sql
+from django_idempotency.stores.base import Store
 
 State = IdempotencyKey.State
 
@@ -97,7 +95,7 @@ class DatabaseStore(Store):
             # Waited as long as allowed for the transaction that holds the key.
             raise RequestInProgress(retry_after=policy.retry_after) from exc
 
-    def complete(self, claim: Claim, snapshot: Snapshot, policy: Policy) -> bool:
+    def complete(self, claim: Execute, snapshot: Snapshot, policy: Policy) -> bool:
         # One statement, conditional on the token: atomic with or without a
         # surrounding transaction, and a no-op for a claim that was taken over.
         now = timezone.now()
@@ -118,7 +116,7 @@ class DatabaseStore(Store):
             updated: int = cursor.rowcount
         return updated == 1
 
-    def release(self, claim: Claim) -> None:
+    def release(self, claim: Execute) -> None:
         connection = transaction.get_connection(self.db)
         params = [claim.call.scope, claim.call.key, claim.token]
         with self._reachable(), sql.cursor(connection) as cursor:
@@ -161,7 +159,7 @@ class DatabaseStore(Store):
                         raise
                     continue  # the holder rolled back: wait for whoever claims next
                 if inserted:
-                    return Claim(call, token)
+                    return Execute(call, token)
                 with sql.cursor(connection) as cursor:
                     row = sql.fetch_row(connection, cursor, call.scope, call.key)
                 claim = self._claim_existing(row, call, policy, token, now)
@@ -195,7 +193,7 @@ class DatabaseStore(Store):
             now = timezone.now()
             inserted, row = postgresql.insert(connection, call, _new_row(call, policy, token, now))
             if inserted is postgresql.Inserted.CLAIMED:
-                return Claim(call, token)
+                return Execute(call, token)
             if inserted is postgresql.Inserted.CONTENDED and not _is_final(row, now):
                 # Someone is claiming the key right now; a completed row is
                 # final, anything else is theirs to decide.
@@ -249,7 +247,7 @@ class DatabaseStore(Store):
                 "This idempotency key was already used for a different request."
             )
         if row.state == State.COMPLETED:
-            return Claim(call, row.token, replay=_snapshot(row))
+            return Replay(call, _snapshot(row))
         if live_lease:
             assert row.locked_until is not None
             left = (row.locked_until - now).total_seconds()
@@ -260,11 +258,9 @@ class DatabaseStore(Store):
             # inside the code the first claim protects.
             raise RequestInProgress(retry_after=policy.retry_after)
         # An in-progress claim whose lease ended: its worker died or stalled.
-        claim = self._take_over(row, call, policy, token, now, {"attempts": F("attempts") + 1})
-        if claim is not None:
-            logger.warning("Takeover: %s had an expired lease", call)
-            signals.takeover.send(sender=type(self), call=call)
-        return claim
+        fields = {"attempts": F("attempts") + 1}
+        claim = self._take_over(row, call, policy, token, now, fields)
+        return None if claim is None else replace(claim, takeover=True)
 
     def _take_over(
         self,
@@ -274,7 +270,7 @@ class DatabaseStore(Store):
         token: str,
         now: datetime,
         fields: dict[str, Any],
-    ) -> Claim | None:
+    ) -> Execute | None:
         # Compare-and-set on the old token and state: of several requests
         # taking over the same row, exactly one updates it, and none does once
         # the late owner has completed it (its token stays, its state changes).
@@ -296,7 +292,7 @@ class DatabaseStore(Store):
                 **fields,
             )
         )
-        return Claim(call, token) if updated == 1 else None
+        return Execute(call, token) if updated == 1 else None
 
 
 def _snapshot(row: sql.Row) -> Snapshot:

@@ -24,8 +24,8 @@ from typing import Any
 from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from django_idempotency.engine import Call
 from django_idempotency.exceptions import RequestInProgress
+from django_idempotency.protocol import Call
 from django_idempotency.stores import sql
 
 
