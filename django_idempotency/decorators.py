@@ -20,7 +20,6 @@ from django.http.response import HttpResponseBase
 
 from django_idempotency import engine
 from django_idempotency.conf import app_settings, load_callable, to_seconds
-from django_idempotency.engine import Executed, Replayed
 from django_idempotency.exceptions import IdempotencyError, KeyMalformed, KeyMissing
 from django_idempotency.keys import MAX_KEY_LENGTH, parse_key
 from django_idempotency.protocol import MODES, Call, Policy, Snapshot
@@ -109,16 +108,35 @@ def protect(
         call = options.call(request)
         if call is None:
             return view()
-        outcome = engine.run(call, options.policy(), view, partial(conclude, request))
+        with engine.protected(call, options.policy()) as guard:
+            if guard.replay is not None:
+                return replay_response(guard.replay)
+            response = view()
+            guard.conclusion = conclude(request, response)
     except IdempotencyError as error:
         return problem_response(error)
-    return _response(outcome)
+    return response
 
 
-def _response(outcome: Executed[HttpResponseBase] | Replayed) -> HttpResponseBase:
-    if isinstance(outcome, Replayed):
-        return replay_response(outcome.snapshot)
-    return outcome.result
+async def aprotect(
+    request: HttpRequest, options: Options, view: Callable[[], Awaitable[HttpResponseBase]]
+) -> HttpResponseBase:
+    """:func:`protect` for an async view (which runs in ``lease`` mode: see the engine)."""
+    if not options.protects(request):
+        return await view()
+    try:
+        # The scope reads request.user: a session lookup, which is database work.
+        call = await sync_to_async(options.call)(request)
+        if call is None:
+            return await view()
+        async with engine.aprotected(call, options.policy()) as guard:
+            if guard.replay is not None:
+                return replay_response(guard.replay)
+            response = await view()
+            guard.conclusion = await sync_to_async(conclude)(request, response)
+    except IdempotencyError as error:
+        return problem_response(error)
+    return response
 
 
 @overload
@@ -216,11 +234,6 @@ def _fit(scope: str) -> str:
     return "sha256:" + hashlib.sha256(scope.encode()).hexdigest()
 
 
-# Async views ---------------------------------------------------------------
-
-AsyncView = Callable[[], Awaitable[HttpResponseBase]]
-
-
 def _async_view(view_func: Callable[..., Any], options: Options) -> Any:
     refusal = engine.async_mode_refusal(options.mode)
     if refusal is not None:
@@ -231,26 +244,9 @@ def _async_view(view_func: Callable[..., Any], options: Options) -> Any:
 
     @wraps(view_func)
     async def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-        return await protect_async(request, options, partial(view_func, request, *args, **kwargs))
+        return await aprotect(request, options, partial(view_func, request, *args, **kwargs))
 
     return wrapper
-
-
-async def protect_async(
-    request: HttpRequest, options: Options, view: AsyncView
-) -> HttpResponseBase:
-    """:func:`protect` for an async view, in ``lease`` mode (the default for them)."""
-    if not options.protects(request):
-        return await view()
-    try:
-        # The scope reads request.user: a session lookup, which is database work.
-        call = await sync_to_async(options.call)(request)
-        if call is None:
-            return await view()
-        outcome = await engine.run_async(call, options.policy(), view, partial(conclude, request))
-    except IdempotencyError as error:
-        return problem_response(error)
-    return _response(outcome)
 
 
 # Idempotent functions ------------------------------------------------------

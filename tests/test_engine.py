@@ -459,7 +459,11 @@ def test_neither_the_contract_nor_the_stores_import_the_engine_or_the_adapters()
 
     package = pathlib.Path(django_idempotency.__file__).parent
     higher = {"engine", "decorators", "functions", "drf", "responses", "checks", "openapi"}
-    lower = [package / "protocol.py", package / "conf.py", *sorted((package / "stores").glob("*.py"))]
+    lower = [
+        package / "protocol.py",
+        package / "conf.py",
+        *sorted((package / "stores").glob("*.py")),
+    ]
     for path in lower:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
