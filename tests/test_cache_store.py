@@ -24,8 +24,8 @@ from django_redis import get_redis_connection
 from django_idempotency.checks import check_settings
 from django_idempotency.decorators import idempotent_function
 from django_idempotency.engine import Call, Policy, Snapshot, run
-from django_idempotency.protocol import Execute
 from django_idempotency.exceptions import StoreUnavailable
+from django_idempotency.protocol import Execute
 from django_idempotency.stores import cache, get_store
 from django_idempotency.stores.cache import CacheStore
 from tests.lease_stores import (

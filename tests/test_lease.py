@@ -26,8 +26,8 @@ from django_idempotency import signals
 from django_idempotency.checks import check_settings
 from django_idempotency.decorators import idempotent
 from django_idempotency.engine import protected
-from django_idempotency.protocol import Call, Claim, Execute, Policy, Snapshot
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress
+from django_idempotency.protocol import Call, Claim, Execute, Policy, Snapshot
 from django_idempotency.stores import get_store
 from django_idempotency.stores.database import DatabaseStore
 from tests.concurrency_helpers import PATIENCE, Gate
@@ -226,10 +226,12 @@ def test_an_expired_lease_is_taken_over_counted_logged_and_signalled(
     frozen.shift(LEASE)
 
     # Through the engine, which reports it.
-    with caplog.at_level(logging.WARNING, logger="django_idempotency"):
-        with protected(CALL, policy) as guard:
-            successor = guard.execution
-            guard.conclusion = Snapshot(201)
+    with (
+        caplog.at_level(logging.WARNING, logger="django_idempotency"),
+        protected(CALL, policy) as guard,
+    ):
+        successor = guard.execution
+        guard.conclusion = Snapshot(201)
 
     assert isinstance(successor, Execute)
     assert successor.takeover
