@@ -53,7 +53,7 @@ class Options(ProtocolOptions):
 
     def call(self, request: HttpRequest) -> Call | None:
         """The engine's call for ``request``; ``None`` for an optional key left out."""
-        header = request.headers.get(app_settings.HEADER)
+        header = request.headers.get(str(app_settings.HEADER))
         if header is None:
             required = app_settings.REQUIRED if self.required is None else self.required
             if required:
