@@ -131,7 +131,8 @@ def test_sqlite_is_flagged_as_serialising_writers() -> None:
     assert ("django_idempotency.W001" in ids()) == on_sqlite
 
 
-@pytest.mark.django_db
+# Django's own model checks ask every database whether it supports JSONField.
+@pytest.mark.django_db(databases="__all__")
 @pytest.mark.parametrize(
     ("setting", "check_id"),
     [
