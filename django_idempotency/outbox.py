@@ -32,6 +32,7 @@ from django.utils import timezone
 from django_idempotency import engine, workflow
 from django_idempotency.conf import app_settings, load_callable
 from django_idempotency.models import OutboxMessage
+from django_idempotency.protocol import ATOMIC
 
 logger = logging.getLogger("django_idempotency")
 
@@ -65,7 +66,7 @@ def enqueue(topic: str, payload: dict[str, Any]) -> OutboxMessage:
     else:
         database = workflow.database_of(execution, f"enqueue {topic}")
         step = workflow.running_step(execution) or ""
-        if not step and execution.policy.mode != engine.ATOMIC:
+        if not step and execution.policy.mode != ATOMIC:
             raise OutboxError(
                 f"enqueue({topic!r}) in lease mode must run inside a step: outside one, "
                 "the message would commit at once, whatever becomes of the work it follows."

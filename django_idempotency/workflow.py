@@ -33,9 +33,10 @@ from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
 from django_idempotency import signals
-from django_idempotency.engine import ATOMIC, Execution, current_execution
+from django_idempotency.engine import Execution, current_execution
 from django_idempotency.exceptions import FingerprintMismatch
 from django_idempotency.models import IdempotencyKey, IdempotencyStep
+from django_idempotency.protocol import ATOMIC
 from django_idempotency.stores.database import DatabaseStore
 
 logger = logging.getLogger("django_idempotency")
