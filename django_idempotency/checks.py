@@ -337,3 +337,42 @@ def _supports_atomic(alias: str) -> bool:
     except Exception:  # E012 reports it
         return True
     return store.supports_atomic
+
+
+def check_outbox_and_steps(**kwargs: Any) -> list[CheckMessage]:
+    """Steps and the outbox: the sender, the retention, and where their tables live."""
+    from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
+
+    errors: list[CheckMessage] = []
+    sender = app_settings.OUTBOX_SENDER
+    if sender is not None and not _is_callable_path(sender):
+        errors.append(
+            _error(
+                30,
+                "IDEMPOTENCY_OUTBOX_SENDER must be a callable or its dotted path.",
+                "It is called as sender(message) with one OutboxMessage; it returns on "
+                "success and raises on failure. None leaves the relay command unusable.",
+            )
+        )
+    if not _is_seconds(app_settings.OUTBOX_RETENTION):
+        errors.append(
+            _error(
+                31,
+                "IDEMPOTENCY_OUTBOX_RETENTION must be a positive number of seconds.",
+                "Give seconds as a number or a datetime.timedelta (default: 7 days).",
+            )
+        )
+    keys = router.db_for_write(IdempotencyKey)
+    for model in (IdempotencyStep, OutboxMessage):
+        database = router.db_for_write(model)
+        if database != keys:
+            errors.append(
+                _error(
+                    32,
+                    f"{model.__name__} is routed to database {database!r}, idempotency keys "
+                    f"to {keys!r}.",
+                    "Steps and outbox messages are written in the transaction of the key "
+                    "they belong to: route them to the same database as IdempotencyKey.",
+                )
+            )
+    return errors

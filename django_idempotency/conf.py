@@ -141,5 +141,23 @@ class Settings:
         value: int = getattr(settings, "IDEMPOTENCY_MAX_BODY_SIZE", 1024 * 1024)
         return value
 
+    # Outbox (django_idempotency.outbox) -----------------------------------
+
+    @property
+    def OUTBOX_SENDER(self) -> str | Callable[..., object] | None:
+        """Callable (or its dotted path) that sends one outbox message; ``None``: unset."""
+        value: str | Callable[..., object] | None = getattr(
+            settings, "IDEMPOTENCY_OUTBOX_SENDER", None
+        )
+        return value
+
+    @property
+    def OUTBOX_RETENTION(self) -> float | timedelta:
+        """How long sent outbox messages are kept before the purge deletes them."""
+        value: float | timedelta = getattr(
+            settings, "IDEMPOTENCY_OUTBOX_RETENTION", timedelta(days=7)
+        )
+        return value
+
 
 app_settings = Settings()
