@@ -11,6 +11,7 @@ class IdempotencyConfig(AppConfig):
 
     def ready(self) -> None:
         from django_idempotency import checks  # noqa: F401  (registers the checks)
+        from django_idempotency import tasks  # noqa: F401  (registers the task checks)
 
         if apps.is_installed("drf_spectacular"):
             # Registers the extension that documents protected DRF views.

@@ -1,0 +1,111 @@
+"""The Celery app of the broker tests' workers: ``celery -A tests.brokered.app worker``.
+
+Configured from the environment the test sets: ``BROKER_TEST_URL`` (the
+broker), ``BROKER_TEST_QUEUE`` (a queue of the test's own) and
+``BROKER_TEST_GATES`` (a directory where the tasks leave marks and wait for
+the test's go-ahead). The tasks' one effect is a ``testapp.Order`` row whose
+``item`` is the event id, so the test counts effects in the database.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.signals import task_postrun
+
+from django_idempotency.tasks import idempotent_task
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.brokered.settings")
+
+app = Celery("brokered")
+app.conf.update(
+    broker_url=os.environ.get("BROKER_TEST_URL", "memory://"),
+    task_default_queue=os.environ.get("BROKER_TEST_QUEUE", "brokered"),
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    worker_enable_remote_control=False,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={
+        # Redis: when an unacknowledged message is delivered again; every key
+        # of the run under one prefix. Not used by RabbitMQ.
+        "visibility_timeout": float(os.environ.get("BROKER_TEST_VISIBILITY", "3600")),
+        "global_keyprefix": os.environ.get("BROKER_TEST_PREFIX", ""),
+    },
+)
+
+GATES = Path(os.environ.get("BROKER_TEST_GATES", "/nonexistent"))
+#: The longest a task waits for the test's go-ahead.
+PATIENCE = 30.0
+
+
+class TransientError(Exception):
+    """A failure that a retry gets past."""
+
+
+def first_time(mark: str) -> bool:
+    """True the first time ``mark`` is passed, in any process (an exclusive file create)."""
+    try:
+        (GATES / mark).open("x").close()
+    except FileExistsError:
+        return False
+    return True
+
+
+def wait_for_gate(name: str) -> None:
+    (GATES / f"{name}.started").touch()
+    deadline = time.monotonic() + PATIENCE
+    while not (GATES / f"{name}.go").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no go-ahead for {name}")
+        time.sleep(0.01)
+
+
+def book_order(event: dict[str, Any]) -> dict[str, Any]:
+    from tests.testapp.models import Order
+
+    if event.get("hold"):
+        wait_for_gate(event["id"])
+    order = Order.objects.create(item=event["id"])
+    if event.get("crash") == "mid" and first_time(f"{event['id']}.crashed"):
+        # The row above is written but not committed: the redelivery must not see it.
+        os.kill(os.getpid(), signal.SIGKILL)
+    if event.get("fail") and first_time(f"{event['id']}.failed"):
+        # Also written but not committed: the retry books on a clean slate.
+        raise TransientError(f"transient failure booking {event['id']}")
+    return {"event": event["id"], "order": order.pk}
+
+
+# Keyed by the event id: every publish and every delivery of one event books once;
+# a duplicate delivered while the first runs waits for it and replays its result.
+@app.task(name="brokered.book", autoretry_for=(TransientError,), default_retry_delay=0)
+@idempotent_task(key=lambda event: event["id"], wait=15)
+def book(event: dict[str, Any]) -> dict[str, Any]:
+    return book_order(event)
+
+
+# Keyed by the task id (the default); a duplicate in progress retries later.
+@app.task(name="brokered.book_by_message", max_retries=30)
+@idempotent_task(wait=0)
+def book_by_message(event: dict[str, Any]) -> dict[str, Any]:
+    return book_order(event)
+
+
+# No protection: the benchmark's baseline and the control that effects are counted.
+@app.task(name="brokered.book_unprotected")
+def book_unprotected(event: dict[str, Any]) -> dict[str, Any]:
+    return book_order(event)
+
+
+@task_postrun.connect
+def crash_after_commit(task_id: str, kwargs: dict[str, Any], **extra: Any) -> None:
+    """Kill the pool process after the task committed, before its message is acknowledged."""
+    event = kwargs.get("event") or {}
+    if event.get("crash") == "after_commit" and first_time(f"{event['id']}.crashed"):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,234 @@
+"""Idempotent Celery tasks on real brokers: RabbitMQ and Redis, PostgreSQL, real workers.
+
+Celery workers (prefork pools of two processes) run ``tests/brokered/app.py``
+in processes of their own, against a database the module creates beside
+``DATABASE_URL``'s. Faults are real: pool processes killed with SIGKILL in the
+middle of a task and after its commit, a broker killed and restarted. Effects
+are counted in the database (one ``testapp_order`` row per booking); what the
+workers did is read from their logs; what the broker still holds, from the
+broker.
+
+Needs PostgreSQL (``DATABASE_URL``), RabbitMQ (``RABBITMQ_URL``, default the
+local guest account) and Redis (``REDIS_URL``); outside CI the tests skip
+without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.brokered.harness import (
+    RABBITMQ_URL,
+    REDIS_URL,
+    Broker,
+    Cluster,
+    RedisServer,
+    broker_unavailable,
+    migrate,
+    new_id,
+)
+from tests.multiprocess import harness
+
+pytestmark = [
+    pytest.mark.broker,
+    pytest.mark.skipif(
+        harness.postgres_url() is None,
+        reason="needs DATABASE_URL pointing at PostgreSQL (real workers share the database)",
+    ),
+    pytest.mark.timeout(90),
+]
+
+BROKERS = {"rabbitmq": RABBITMQ_URL, "redis": REDIS_URL}
+
+
+@pytest.fixture(scope="module")
+def database_url() -> Iterator[str]:
+    url = harness.postgres_url()
+    assert url is not None
+    with harness.scratch_database(url) as scratch:
+        migrate(scratch)
+        yield scratch
+
+
+@pytest.fixture(scope="module")
+def database(database_url: str) -> Iterator[harness.Database]:
+    connection = harness.Database(database_url)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture(params=sorted(BROKERS))
+def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
+    url = BROKERS[request.param]
+    reason = broker_unavailable(url)
+    if reason is not None:
+        pytest.skip(reason)
+    created = Broker(request.param, url)
+    yield created
+    created.remove()
+
+
+@pytest.fixture
+def cluster(
+    broker: Broker, database_url: str, database: harness.Database, tmp_path: Path
+) -> Iterator[Cluster]:
+    running = Cluster(broker, database_url, database, tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def assert_drained(cluster: Cluster) -> None:
+    """After the workers stopped: nothing waits in the queue, nothing is unacknowledged."""
+    cluster.stop()
+    assert cluster.broker.pending() == (0, 0)
+
+
+def test_fifty_publishes_of_one_event_book_once(cluster: Cluster) -> None:
+    cluster.start(2)
+    event = {"id": new_id()}
+    cluster.publish("brokered.book", event, times=50)
+
+    cluster.wait_until(lambda: cluster.succeeded() == 50, "50 deliveries to succeed")
+
+    assert cluster.effects(event["id"]) == 1
+    assert cluster.replayed() == 49
+    assert " ERROR" not in cluster.logs()
+    assert_drained(cluster)
+
+
+def test_pool_process_killed_mid_task_is_redelivered_and_books_once(cluster: Cluster) -> None:
+    cluster.start(1)
+    event = {"id": new_id(), "crash": "mid"}
+    cluster.publish("brokered.book", event)
+
+    cluster.wait_until(lambda: cluster.succeeded() == 1, "the redelivery to succeed")
+
+    assert cluster.crashed(event["id"])
+    assert cluster.count(r"exited with .signal 9 \(SIGKILL\)") == 1
+    # The first attempt's row was rolled back with its transaction: one booking.
+    assert cluster.effects(event["id"]) == 1
+    assert cluster.replayed() == 0
+    assert_drained(cluster)
+
+
+def test_killed_after_commit_before_ack_the_redelivery_replays(cluster: Cluster) -> None:
+    cluster.start(1)
+    event = {"id": new_id(), "crash": "after_commit"}
+    cluster.publish("brokered.book", event)
+
+    # The killed attempt logged its success (Celery does before task_postrun,
+    # where the test kills it); the redelivery logs the second.
+    cluster.wait_until(lambda: cluster.succeeded() == 2, "the redelivery to succeed")
+
+    assert cluster.crashed(event["id"])
+    assert cluster.count(r"exited with .signal 9 \(SIGKILL\)") == 1
+    assert cluster.effects(event["id"]) == 1
+    # The redelivery found the stored result instead of booking again.
+    assert cluster.replayed() == 1
+    assert_drained(cluster)
+
+
+def test_one_message_delivered_twice_at_once_the_duplicate_waits(cluster: Cluster) -> None:
+    cluster.start(2)
+    event = {"id": new_id(), "hold": True}
+    task_id = new_id("task")
+    cluster.publish("brokered.book", event, times=2, task_id=task_id)
+
+    cluster.wait_until(lambda: cluster.gate_started(event["id"]), "the first delivery to start")
+    # The duplicate is at its claim, blocked by the first one's lock.
+    cluster.wait_until(lambda: cluster.waiting_on_locks() == 1, "the duplicate to wait")
+    cluster.release(event["id"])
+    cluster.wait_until(lambda: cluster.succeeded() == 2, "both deliveries to succeed")
+
+    assert cluster.effects(event["id"]) == 1
+    assert cluster.replayed() == 1
+    assert " ERROR" not in cluster.logs()
+    assert_drained(cluster)
+
+
+def test_one_message_delivered_twice_at_once_the_duplicate_retries(cluster: Cluster) -> None:
+    cluster.start(2)
+    event = {"id": new_id(), "hold": True}
+    task_id = new_id("task")
+    cluster.publish("brokered.book_by_message", event, times=2, task_id=task_id)
+
+    cluster.wait_until(lambda: cluster.gate_started(event["id"]), "the first delivery to start")
+    # wait=0: the duplicate does not block; Celery retries it after the claim's Retry-After.
+    cluster.wait_for_log(r"Retry in \d+s: RequestInProgress")
+    cluster.release(event["id"])
+    cluster.wait_until(lambda: cluster.succeeded() == 2, "both deliveries to succeed")
+
+    assert cluster.effects(event["id"]) == 1
+    assert cluster.replayed() == 1
+    assert " ERROR" not in cluster.logs()
+    assert_drained(cluster)
+
+
+def test_a_raising_task_stores_nothing_and_its_retry_books_once(cluster: Cluster) -> None:
+    cluster.start(1)
+    event = {"id": new_id(), "fail": True}
+    cluster.publish("brokered.book", event)
+
+    cluster.wait_until(lambda: cluster.succeeded() == 1, "the retry to succeed")
+
+    assert cluster.count(r"Retry in \d+s: TransientError") == 1
+    assert cluster.effects(event["id"]) == 1
+    assert cluster.replayed() == 0
+    assert_drained(cluster)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    if broker_unavailable(REDIS_URL) is not None:
+        pytest.skip("no Redis (redis-server is needed to start one of the test's own)")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_broker_restarted_mid_run_loses_nothing_and_books_each_once(
+    own_redis: RedisServer, database_url: str, database: harness.Database, tmp_path: Path
+) -> None:
+    broker = Broker("redis", own_redis.url)
+    cluster = Cluster(
+        broker,
+        database_url,
+        database,
+        tmp_path,
+        # A message whose acknowledgement was lost with the connection comes back soon.
+        extra_environ={"BROKER_TEST_VISIBILITY": "3"},
+    )
+    with contextlib.ExitStack() as stack:
+        stack.callback(cluster.stop)
+        cluster.start(1)
+        held = {"id": new_id("held"), "hold": True}
+        before = [{"id": new_id("before")} for _ in range(5)]
+        after = [{"id": new_id("after")} for _ in range(5)]
+        for event in [held, *before]:
+            cluster.publish("brokered.book", event)
+        cluster.wait_until(lambda: cluster.gate_started(held["id"]), "the held task to start")
+
+        own_redis.kill()
+        own_redis.start()
+        cluster.release(held["id"])
+        for event in after:
+            cluster.publish("brokered.book", event)
+
+        events = [held, *before, *after]
+        cluster.wait_until(
+            lambda: all(cluster.effects(event["id"]) for event in events),
+            "every event to be booked",
+        )
+        cluster.wait_until(lambda: broker.pending() == (0, 0), "the broker to be drained")
+        assert [cluster.effects(event["id"]) for event in events] == [1] * len(events)
