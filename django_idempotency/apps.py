@@ -10,8 +10,8 @@ class IdempotencyConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django_idempotency import checks  # noqa: F401  (registers the checks)
-        from django_idempotency import tasks  # noqa: F401  (registers the task checks)
+        # Importing them registers their system checks.
+        from django_idempotency import checks, tasks  # noqa: F401
 
         if apps.is_installed("drf_spectacular"):
             # Registers the extension that documents protected DRF views.

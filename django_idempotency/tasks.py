@@ -227,8 +227,9 @@ def _celery_delivery(function: Callable[..., Any], args: tuple[Any, ...]) -> Del
     from celery import current_task
 
     task = current_task._get_current_object() if current_task else None
+    run = getattr(task, "run", None)
     # Another task calling this one's function as a plain function is no delivery of it.
-    if task is None or getattr(task, "run", None) is not function:
+    if task is None or getattr(run, "__func__", run) is not function:
         return None
     if args and args[0] is task:  # a bound task (bind=True): its first argument is self
         args = args[1:]

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,12 +131,26 @@ class Cluster:
             with log.open("wb") as output:
                 process = subprocess.Popen(
                     [
-                        sys.executable, "-m", "celery", "-A", "tests.brokered.app", "worker",
-                        "--pool", "prefork", "--concurrency", str(concurrency),
-                        "--queues", self.broker.queue, "--hostname", name,
-                        "--without-gossip", "--without-mingle", "--without-heartbeat",
-                        "--loglevel", "INFO",
-                    ],  # fmt: skip
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "tests.brokered.app",
+                        "worker",
+                        "--pool",
+                        "prefork",
+                        "--concurrency",
+                        str(concurrency),
+                        "--queues",
+                        self.broker.queue,
+                        "--hostname",
+                        name,
+                        "--without-gossip",
+                        "--without-mingle",
+                        "--without-heartbeat",
+                        "--loglevel",
+                        "INFO",
+                    ],
                     cwd=ROOT,
                     env=self.environ(),
                     stdout=output,
@@ -162,15 +175,19 @@ class Cluster:
 
         publisher = Celery("publisher", broker=self.broker.url, set_as_current=False)
         publisher.conf.broker_transport_options = {"global_keyprefix": self.broker.prefix}
-        with publisher.connection_for_write() as connection, publisher.producer_or_acquire(
-            None
-        ) as producer:
+        with (
+            publisher.connection_for_write() as connection,
+            publisher.producer_or_acquire(None) as producer,
+        ):
             del connection
             for _ in range(times):
                 publisher.send_task(
-                    task, kwargs={"event": event}, queue=self.broker.queue, producer=producer,
+                    task,
+                    kwargs={"event": event},
+                    queue=self.broker.queue,
+                    producer=producer,
                     **options,
-                )  # fmt: skip
+                )
         publisher.close()
 
     def logs(self) -> str:
@@ -186,7 +203,9 @@ class Cluster:
         return self.count(r"Replayed scope=")
 
     def wait_for_log(self, pattern: str, times: int = 1, what: str = "") -> None:
-        wait_until(lambda: self.count(pattern) >= times, what or f"{times} x {pattern!r} in the logs")
+        wait_until(
+            lambda: self.count(pattern) >= times, what or f"{times} x {pattern!r} in the logs"
+        )
 
     def wait_until(self, condition: Any, what: str) -> None:
         def check() -> bool:
@@ -277,10 +296,20 @@ class RedisServer:
         with log:
             self.process = subprocess.Popen(
                 [
-                    executable, "--bind", "127.0.0.1", "--port", str(self.port),
-                    "--dir", str(self.directory), "--save", "",
-                    "--appendonly", "yes", "--appendfsync", "always",
-                ],  # fmt: skip
+                    executable,
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--dir",
+                    str(self.directory),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
