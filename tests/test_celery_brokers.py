@@ -84,7 +84,9 @@ def cluster(
 
 
 def assert_drained(cluster: Cluster) -> None:
-    """After the workers stopped: nothing waits in the queue, nothing is unacknowledged."""
+    """Every message acknowledged (a retry's original is acknowledged after its new
+    message may have run: waited for), and nothing comes back when the workers stop."""
+    cluster.wait_until(lambda: cluster.broker.pending() == (0, 0), "every message acknowledged")
     cluster.stop()
     assert cluster.broker.pending() == (0, 0)
 
@@ -232,3 +234,62 @@ def test_broker_restarted_mid_run_loses_nothing_and_books_each_once(
         )
         cluster.wait_until(lambda: broker.pending() == (0, 0), "the broker to be drained")
         assert [cluster.effects(event["id"]) for event in events] == [1] * len(events)
+
+
+def create_payment(database: harness.Database, reference: str, amount_cents: int) -> None:
+    """A payment of the example shop (with its customer and order), in plain SQL."""
+    user_id = database.value(
+        "INSERT INTO auth_user (username, password, is_superuser, first_name, last_name, "
+        "email, is_staff, is_active, date_joined) "
+        "VALUES (%s, '!', false, '', '', '', false, true, now()) RETURNING id",
+        [f"customer-{reference}"],
+    )
+    order_id = database.value(
+        "INSERT INTO shop_order (owner_id, item, amount, created) "
+        "VALUES (%s, 'coffee', %s, now()) RETURNING id",
+        [user_id, amount_cents / 100],
+    )
+    database.rows(
+        "INSERT INTO shop_payment (owner_id, order_id, amount_cents, reference, created) "
+        "VALUES (%s, %s, %s, %s, now())",
+        [user_id, order_id, amount_cents, reference],
+    )
+
+
+def test_the_example_shops_worker_books_a_capture_once_however_often_it_comes(
+    database_url: str, database: harness.Database, tmp_path: Path
+) -> None:
+    """``celery -A example_project worker`` on RabbitMQ, as the README runs it."""
+    if (reason := broker_unavailable(RABBITMQ_URL)) is not None:
+        pytest.skip(reason)
+    broker = Broker("rabbitmq", RABBITMQ_URL)
+    cluster = Cluster(
+        broker,
+        database_url,
+        database,
+        tmp_path,
+        extra_environ={
+            "DJANGO_SETTINGS_MODULE": "example_project.settings",
+            "CELERY_BROKER_URL": broker.url,
+            "CELERY_TASK_DEFAULT_QUEUE": broker.queue,
+        },
+    )
+    reference = new_id("ch")
+    create_payment(database, reference, 450)
+    message = {"id": new_id(), "payment": reference, "amount_cents": 300}
+    with contextlib.ExitStack() as stack:
+        stack.callback(broker.remove)
+        stack.callback(cluster.stop)
+        cluster.start(2, app="example_project")
+        cluster.publish("shop.payment_captured", message, times=10, argument="message")
+
+        cluster.wait_until(lambda: cluster.succeeded() == 10, "10 deliveries to succeed")
+
+        entries = database.rows(
+            "SELECT e.amount_cents FROM shop_ledgerentry e "
+            "JOIN shop_payment p ON p.id = e.payment_id WHERE p.reference = %s",
+            [reference],
+        )
+        assert entries == [(300,)]
+        assert cluster.replayed() == 9
+        assert_drained(cluster)

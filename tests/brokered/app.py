@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from celery.signals import task_postrun
 
 from django_idempotency.tasks import idempotent_task
+from tests.brokered.effects import TransientError, book_order, first_time
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.brokered.settings")
 
@@ -39,47 +38,6 @@ app.conf.update(
         "global_keyprefix": os.environ.get("BROKER_TEST_PREFIX", ""),
     },
 )
-
-GATES = Path(os.environ.get("BROKER_TEST_GATES", "/nonexistent"))
-#: The longest a task waits for the test's go-ahead.
-PATIENCE = 30.0
-
-
-class TransientError(Exception):
-    """A failure that a retry gets past."""
-
-
-def first_time(mark: str) -> bool:
-    """True the first time ``mark`` is passed, in any process (an exclusive file create)."""
-    try:
-        (GATES / mark).open("x").close()
-    except FileExistsError:
-        return False
-    return True
-
-
-def wait_for_gate(name: str) -> None:
-    (GATES / f"{name}.started").touch()
-    deadline = time.monotonic() + PATIENCE
-    while not (GATES / f"{name}.go").exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no go-ahead for {name}")
-        time.sleep(0.01)
-
-
-def book_order(event: dict[str, Any]) -> dict[str, Any]:
-    from tests.testapp.models import Order
-
-    if event.get("hold"):
-        wait_for_gate(event["id"])
-    order = Order.objects.create(item=event["id"])
-    if event.get("crash") == "mid" and first_time(f"{event['id']}.crashed"):
-        # The row above is written but not committed: the redelivery must not see it.
-        os.kill(os.getpid(), signal.SIGKILL)
-    if event.get("fail") and first_time(f"{event['id']}.failed"):
-        # Also written but not committed: the retry books on a clean slate.
-        raise TransientError(f"transient failure booking {event['id']}")
-    return {"event": event["id"], "order": order.pk}
 
 
 # Keyed by the event id: every publish and every delivery of one event books once;
