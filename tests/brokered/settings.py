@@ -7,8 +7,14 @@ counts replays.
 
 from __future__ import annotations
 
+import os
+
 from tests.settings import *  # noqa: F403
-from tests.settings import INSTALLED_APPS
+from tests.settings import DATABASES, INSTALLED_APPS
+
+# The benchmark keeps connections, as a production worker does; the tests
+# open one per task (Django's default), which also covers reconnecting.
+DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ.get("BROKER_TEST_CONN_MAX_AGE", "0"))
 
 INSTALLED_APPS = [*INSTALLED_APPS, "django_tasks_db"]
 
