@@ -16,6 +16,8 @@ without them.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from tests.brokered.harness import (
     REDIS_URL,
     Broker,
     Cluster,
+    RabbitMQNode,
     RedisServer,
     broker_unavailable,
     migrate,
@@ -39,10 +42,12 @@ pytestmark = [
         harness.postgres_url() is None,
         reason="needs DATABASE_URL pointing at PostgreSQL (real workers share the database)",
     ),
-    pytest.mark.timeout(90),
+    pytest.mark.timeout(150),
 ]
 
 BROKERS = {"rabbitmq": RABBITMQ_URL, "redis": REDIS_URL}
+#: How long a worker may take to find a restarted broker again.
+RECONNECT_PATIENCE = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -185,30 +190,54 @@ def test_a_raising_task_stores_nothing_and_its_retry_books_once(cluster: Cluster
     assert_drained(cluster)
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if broker_unavailable(REDIS_URL) is not None:
-        pytest.skip("no Redis (redis-server is needed to start one of the test's own)")
-    directory = tmp_path / "redis"
+class OwnBroker:
+    """A broker server of the test's own, to kill and restart: Redis or RabbitMQ."""
+
+    def __init__(self, server: RedisServer | RabbitMQNode, broker: Broker) -> None:
+        self.server = server
+        self.broker = broker
+
+    def kill(self) -> None:
+        self.server.kill()
+
+    def start(self) -> None:
+        self.server.start()
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def own_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OwnBroker]:
+    kind = request.param
+    executable = {"redis": "redis-server", "rabbitmq": "rabbitmq-server"}[kind]
+    if not shutil.which(executable, path=f"/usr/lib/rabbitmq/bin:{os.environ['PATH']}"):
+        pytest.skip(f"no {executable} to start a broker of the test's own")
+    directory = tmp_path / kind
     directory.mkdir()
-    server = RedisServer(directory)
-    server.start()
+    server: RedisServer | RabbitMQNode
+    if kind == "redis":
+        server = RedisServer(directory)
+        server.start()
+        broker = Broker(kind, server.url)
+    else:
+        server = RabbitMQNode(directory)
+        server.start()
+        broker = Broker(kind, server.url, node=server)
     try:
-        yield server
+        yield OwnBroker(server, broker)
     finally:
         server.stop()
 
 
 def test_broker_restarted_mid_run_loses_nothing_and_books_each_once(
-    own_redis: RedisServer, database_url: str, database: harness.Database, tmp_path: Path
+    own_broker: OwnBroker, database_url: str, database: harness.Database, tmp_path: Path
 ) -> None:
-    broker = Broker("redis", own_redis.url)
+    broker = own_broker.broker
     cluster = Cluster(
         broker,
         database_url,
         database,
         tmp_path,
-        # A message whose acknowledgement was lost with the connection comes back soon.
+        # Redis: a message whose acknowledgement was lost with the connection comes
+        # back soon. (RabbitMQ puts it back when the connection drops.)
         extra_environ={"BROKER_TEST_VISIBILITY": "3"},
     )
     with contextlib.ExitStack() as stack:
@@ -221,18 +250,29 @@ def test_broker_restarted_mid_run_loses_nothing_and_books_each_once(
             cluster.publish("brokered.book", event)
         cluster.wait_until(lambda: cluster.gate_started(held["id"]), "the held task to start")
 
-        own_redis.kill()
-        own_redis.start()
+        own_broker.kill()
+        if broker.kind == "rabbitmq":
+            # The worker's connection drops with the node; RabbitMQ puts the held,
+            # unacknowledged message back. (With Redis, the client reconnects on its
+            # next command; the held message waits in the persisted unacked hash.)
+            cluster.wait_for_log(r"Connection to broker lost")
+        own_broker.start()
         cluster.release(held["id"])
         for event in after:
             cluster.publish("brokered.book", event)
 
         events = [held, *before, *after]
+        # The worker reconnects with Celery's back-off (2 s, 4 s, ...).
         cluster.wait_until(
             lambda: all(cluster.effects(event["id"]) for event in events),
             "every event to be booked",
+            seconds=RECONNECT_PATIENCE,
         )
-        cluster.wait_until(lambda: broker.pending() == (0, 0), "the broker to be drained")
+        cluster.wait_until(
+            lambda: broker.pending() == (0, 0),
+            "the broker to be drained",
+            seconds=RECONNECT_PATIENCE,
+        )
         assert [cluster.effects(event["id"]) for event in events] == [1] * len(events)
 
 

@@ -55,6 +55,8 @@ class Broker:
     kind: str
     url: str
     queue: str = field(default_factory=lambda: f"idempotency-test-{uuid.uuid4().hex[:12]}")
+    #: A RabbitMQ node of the test's own (else the machine's, where rabbitmqctl looks).
+    node: RabbitMQNode | None = None
 
     @property
     def prefix(self) -> str:
@@ -73,7 +75,7 @@ class Broker:
                 )
                 return waiting, int(client.hlen(f"{self.prefix}unacked"))
         if shutil.which("rabbitmqctl"):
-            return _rabbitmq_queue_depth(self.queue)
+            return _rabbitmq_queue_depth(self.queue, self.node)
         with Connection(self.url) as connection:  # a remote broker: the ready count only
             declared = connection.default_channel.queue_declare(self.queue, passive=True)
             return int(declared.message_count), 0
@@ -90,7 +92,7 @@ class Broker:
             connection.default_channel.queue_delete(self.queue)
 
 
-def _rabbitmq_queue_depth(queue: str) -> tuple[int, int]:
+def _rabbitmq_queue_depth(queue: str, node: RabbitMQNode | None = None) -> tuple[int, int]:
     """(ready, unacknowledged) of a queue on the local node, from ``rabbitmqctl``.
 
     AMQP itself tells only the ready count; an acknowledgement still on its
@@ -98,7 +100,10 @@ def _rabbitmq_queue_depth(queue: str) -> tuple[int, int]:
     """
     done = subprocess.run(
         [
-            "rabbitmqctl",
+            # The machine's node through the wrapper on PATH (which takes on the
+            # rabbitmq user's cookie); a node of the test's own with its own cookie.
+            node.executable("rabbitmqctl") if node else "rabbitmqctl",
+            *(("--node", node.name) if node else ()),
             "list_queues",
             "--quiet",
             "--no-table-headers",
@@ -108,6 +113,7 @@ def _rabbitmq_queue_depth(queue: str) -> tuple[int, int]:
         text=True,
         timeout=PATIENCE,
         check=True,
+        env=node.environ() if node else None,
     )
     for line in done.stdout.splitlines():
         name, ready, unacknowledged = line.split("\t")
@@ -217,7 +223,11 @@ class Cluster:
         from celery import Celery
 
         publisher = Celery("publisher", broker=self.broker.url, set_as_current=False)
-        publisher.conf.broker_transport_options = {"global_keyprefix": self.broker.prefix}
+        publisher.conf.broker_transport_options = {
+            "global_keyprefix": self.broker.prefix,
+            # RabbitMQ: publishing returns once the broker has the message (on disk).
+            "confirm_publish": True,
+        }
         try:
             with publisher.producer_or_acquire(None) as producer:
                 for kwargs in messages:
@@ -244,7 +254,7 @@ class Cluster:
             lambda: self.count(pattern) >= times, what or f"{times} x {pattern!r} in the logs"
         )
 
-    def wait_until(self, condition: Any, what: str) -> None:
+    def wait_until(self, condition: Any, what: str, seconds: float = PATIENCE) -> None:
         def check() -> bool:
             for worker in self.workers:
                 if worker.process.poll() is not None:
@@ -252,7 +262,7 @@ class Cluster:
             return bool(condition())
 
         try:
-            wait_until(check, what)
+            wait_until(check, what, seconds)
         except AssertionError as error:
             raise AssertionError(f"{error}\n--- worker logs ---\n{self.logs()[-6000:]}") from None
 
@@ -357,6 +367,87 @@ class RedisServer:
         """SIGKILL: what the broker keeps is what it had on disk."""
         assert self.process is not None
         self.process.kill()
+        self.process.wait(timeout=STOP_SECONDS)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+
+@dataclass
+class RabbitMQNode:
+    """A RabbitMQ node of the test's own: its own name, ports, data and cookie.
+
+    Started from ``rabbitmq-server`` with ``RABBITMQ_*`` variables; messages
+    and durable queues are on disk in ``directory``, so a restart keeps them.
+    """
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    distribution_port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"idempotency{self.port}@localhost"
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def environ(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            # Its own Erlang cookie, created there on first start.
+            "HOME": str(self.directory),
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.distribution_port),
+            "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.directory / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.directory / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(self.directory / "rabbitmq.pid"),
+        }
+
+    @staticmethod
+    def executable(name: str) -> str:
+        """RabbitMQ's own script, not Debian's wrapper (which runs it as the rabbitmq user)."""
+        found = shutil.which(name, path="/usr/lib/rabbitmq/bin") or shutil.which(name)
+        assert found is not None, f"{name} is not installed"
+        return found
+
+    def start(self) -> None:
+        executable = self.executable("rabbitmq-server")
+        # Not the machine's configuration, which binds the machine's port.
+        (self.directory / "rabbitmq.conf").write_text(
+            f"listeners.tcp.local = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        )
+        (self.directory / "enabled_plugins").write_text("[].\n")
+        with (self.directory / "server.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [executable],
+                env=self.environ(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        def answers() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                log_text = (self.directory / "server.log").read_text(errors="replace")
+                raise RuntimeError(f"rabbitmq-server exited:\n{log_text[-3000:]}")
+            return broker_unavailable(self.url) is None
+
+        # An Erlang node takes seconds to boot, more on a busy machine.
+        wait_until(answers, "the test's RabbitMQ node", seconds=PATIENCE * 3)
+
+    def kill(self) -> None:
+        """SIGKILL to the node's process group: what it keeps is what it had on disk."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=STOP_SECONDS)
 
     def stop(self) -> None:
