@@ -55,10 +55,19 @@ def book_by_message(event: dict[str, Any]) -> dict[str, Any]:
     return book_order(event)
 
 
-# No protection: the benchmark's baseline and the control that effects are counted.
+# No protection: the benchmark's baseline.
 @app.task(name="brokered.book_unprotected")
 def book_unprotected(event: dict[str, Any]) -> dict[str, Any]:
     return book_order(event)
+
+
+# No protection, in the transaction that atomic mode needs: the benchmark's second baseline.
+@app.task(name="brokered.book_unprotected_atomic")
+def book_unprotected_atomic(event: dict[str, Any]) -> dict[str, Any]:
+    from django.db import transaction
+
+    with transaction.atomic():
+        return book_order(event)
 
 
 @task_postrun.connect
