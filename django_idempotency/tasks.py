@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar, overload
 
-from django.core.checks import CheckMessage, Tags, Warning, register
+from django.core.checks import CheckMessage, Warning
 from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.decorators import Options, Seconds, idempotent_block
@@ -249,12 +249,12 @@ def _celery_delivery(function: Callable[..., Any], args: tuple[Any, ...]) -> Del
     )
 
 
-@register(Tags.compatibility)
 def check_celery_tasks(**kwargs: Any) -> list[CheckMessage]:
     """Warn about idempotent Celery tasks whose message a worker crash would lose.
 
-    Looks at the tasks of Celery's current app (the one a Django project's
-    ``proj/celery.py`` creates); does nothing where Celery is not in use.
+    A system check (tag ``compatibility``, registered by the app config). It
+    looks at the tasks of Celery's current app (the one a Django project's
+    ``proj/celery.py`` creates) and does nothing where Celery is not in use.
     """
     if "celery" not in sys.modules:
         return []
