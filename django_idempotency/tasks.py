@@ -130,6 +130,13 @@ def idempotent_task(
     )
 
     def decorator(function: Function) -> Function:
+        if hasattr(function, "delay") or hasattr(function, "enqueue"):
+            # Above the task decorator it would wrap the task object, not the body
+            # a worker runs: the task would be unprotected.
+            raise ImproperlyConfigured(
+                f"@idempotent_task wraps the task {function!r}; place it under the task "
+                "decorator (@app.task, @shared_task, @task), directly above the function."
+            )
         if inspect.iscoroutinefunction(function):
             raise ImproperlyConfigured(
                 f"idempotent_task does not support the coroutine function {function.__name__}."
