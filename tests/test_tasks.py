@@ -155,7 +155,9 @@ def test_misuse_is_refused_when_decorating() -> None:
         idempotent_task(coroutine)
 
 
-@pytest.mark.parametrize("task", [tasks.by_message, tasks.django_by_event], ids=["celery", "dj"])
+@pytest.mark.parametrize(
+    "task", [tasks.by_message, tasks.django_by_event], ids=["celery", "django-tasks"]
+)
 def test_placing_it_above_the_task_decorator_is_refused(task: Any) -> None:
     with pytest.raises(ImproperlyConfigured, match="place it under the task decorator"):
         idempotent_task(task)
