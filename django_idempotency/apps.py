@@ -11,9 +11,11 @@ class IdempotencyConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django_idempotency import checks  # noqa: F401  (registers the checks)
+        from django_idempotency import checks
         from django_idempotency.tasks import check_celery_tasks
 
+        register(checks.check_settings, Tags.compatibility)
+        register(checks.check_views, Tags.urls)
         register(check_celery_tasks, Tags.compatibility)
 
         if apps.is_installed("drf_spectacular"):

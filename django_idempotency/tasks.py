@@ -30,8 +30,9 @@ from typing import Any, TypeVar, overload
 from django.core.checks import CheckMessage, Warning
 from django.core.exceptions import ImproperlyConfigured
 
-from django_idempotency.decorators import Options, Seconds, idempotent_block
 from django_idempotency.exceptions import KeyMissing, RequestInProgress
+from django_idempotency.functions import idempotent_block
+from django_idempotency.policies import ProtocolOptions, Seconds
 
 Function = TypeVar("Function", bound=Callable[..., Any])
 #: The attribute ``@idempotent_task`` leaves on the functions it wraps.
@@ -45,7 +46,7 @@ class TaskOptions:
     key: Callable[..., str | int] | None
     scope: str | Callable[..., str] | None
     fingerprint: Callable[..., Any] | None
-    options: Options
+    options: ProtocolOptions
     retry: bool
 
 
@@ -125,7 +126,9 @@ def idempotent_task(
         key=key,
         scope=scope,
         fingerprint=fingerprint,
-        options=Options(mode=mode, lease=lease, wait=wait, retention=retention, store=store),
+        options=ProtocolOptions(
+            mode=mode, lease=lease, wait=wait, retention=retention, store=store
+        ),
         retry=retry,
     )
 
