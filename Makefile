@@ -44,7 +44,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"  # for --group
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[drf,redis,spectacular]" --group test
+	$(BIN)/python -m pip install --quiet -e ".[drf,redis,spectacular,celery]" --group test
 	@touch $@
 
 $(VENV)/.installed-%: $(VENV)/.installed
