@@ -233,10 +233,12 @@ class Variants:
     def pipelined(self) -> None:
         # psycopg syncs (and waits) after the BEGIN it sends itself in a
         # pipeline: the store would send its own, in autocommit.
+        # Results are read after the pipeline's end, whose Sync is its one wait.
         key = uuid.uuid4().hex
         with self.raw.pipeline():
             self.raw.execute("BEGIN")
-            self._claim(key, prepare=True).fetchone()
+            claim = self._claim(key, prepare=True)
+        claim.fetchone()
         self._order().fetchone()
         with self.raw.pipeline():
             self._complete(key, prepare=True)
@@ -302,7 +304,8 @@ class Variants:
     def replay_pipelined(self) -> None:
         with self.raw.pipeline():
             self.raw.execute("BEGIN")
-            self._claim(self.replay_key, prepare=True).fetchone()
+            claim = self._claim(self.replay_key, prepare=True)
+        claim.fetchone()
         self.raw.execute("COMMIT")
 
     def replay_autocommit(self) -> None:
