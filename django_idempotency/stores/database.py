@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -44,13 +45,24 @@ class DatabaseStore(Store):
 
     Option ``DATABASE``: the alias to use; by default the one the database
     router picks for writes of ``IdempotencyKey`` (never a read replica).
+    Option ``PREPARE`` (PostgreSQL with psycopg 3): whether the store's own
+    statements are prepared on the server whatever the connection's
+    ``prepare_threshold`` (by default they are); ``False`` for PgBouncer in
+    transaction pooling mode older than 1.21.
     """
 
     supports_atomic = True
 
-    def __init__(self, alias: str, *, DATABASE: str | None = None) -> None:
+    def __init__(
+        self, alias: str, *, DATABASE: str | None = None, PREPARE: bool | None = None
+    ) -> None:
         super().__init__(alias)
         self.database = DATABASE
+        #: As configured: ``None`` when left to the default (the checks tell).
+        self.prepare = PREPARE
+        self.prepares_statements = PREPARE is not False
+        # The atomic block each thread's request runs in, while it runs.
+        self._blocks = threading.local()
 
     @property
     def db(self) -> str:
@@ -60,6 +72,7 @@ class DatabaseStore(Store):
     def atomic(self) -> Iterator[None]:
         block = transaction.atomic(using=self.db)
         block.__enter__()
+        outer, self._blocks.current = getattr(self._blocks, "current", None), block
         try:
             yield
         except BaseException as exc:
@@ -68,6 +81,8 @@ class DatabaseStore(Store):
             with self._reachable():
                 block.__exit__(type(exc), exc, exc.__traceback__)
             raise
+        finally:
+            self._blocks.current = outer
         with self._reachable():
             block.__exit__(None, None, None)
 
@@ -113,15 +128,34 @@ class DatabaseStore(Store):
             key=claim.call.key,
             token=claim.token,
         )
-        with self._reachable(), sql.cursor(connection) as cursor:
-            cursor.execute(sql.statements(connection).complete, params)
+        with self._reachable(), sql.cursor(connection, prepare=self.prepares_statements) as cursor:
+            if self._ends_its_transaction(connection):
+                # The last statement of the store's own transaction: COMMIT
+                # goes with it, one round trip (Django's commit then finds the
+                # transaction ended and sends nothing).
+                postgresql.complete_and_commit(
+                    connection, cursor, sql.statements(connection).complete, params
+                )
+            else:
+                cursor.execute(sql.statements(connection).complete, params)
             updated: int = cursor.rowcount
         return updated == 1
+
+    def _ends_its_transaction(self, connection: BaseDatabaseWrapper) -> bool:
+        """Whether the store may commit now: its own block is the transaction, intact."""
+        block = getattr(self._blocks, "current", None)
+        return (
+            block is not None
+            and connection.atomic_blocks == [block]
+            and connection.commit_on_exit
+            and not connection.needs_rollback
+            and postgresql.pipelines(connection)
+        )
 
     def release(self, claim: Claim) -> None:
         connection = transaction.get_connection(self.db)
         params = [claim.call.scope, claim.call.key, claim.token]
-        with self._reachable(), sql.cursor(connection) as cursor:
+        with self._reachable(), sql.cursor(connection, prepare=self.prepares_statements) as cursor:
             cursor.execute(sql.statements(connection).release, params)
 
     @contextlib.contextmanager
@@ -193,7 +227,10 @@ class DatabaseStore(Store):
         for _ in range(_CLAIM_ROUNDS):
             token = uuid.uuid4().hex
             now = timezone.now()
-            inserted, row = postgresql.insert(connection, call, _new_row(call, policy, token, now))
+            values = _new_row(call, policy, token, now)
+            inserted, row = postgresql.insert(
+                connection, call, values, prepare=self.prepares_statements
+            )
             if inserted is postgresql.Inserted.CLAIMED:
                 return Claim(call, token)
             if inserted is postgresql.Inserted.CONTENDED and not _is_final(row, now):
