@@ -1,9 +1,14 @@
 """The results drawn: one image per database (matplotlib, the ``bench`` group).
 
-Left, each variant's median and 99th percentile over HTTP at concurrency 1
-beside the plain view's. Right, with a baseline (``--baseline``, the JSON of
-an earlier run), each protected request's paired ratio to the plain view
-before and after, at concurrency 1 (latency) and 8 (throughput).
+Top left, each variant's median and 99th percentile over HTTP at concurrency
+1 beside the plain view's; top right, its round trips to the database. Below,
+with a baseline (``--baseline``, the JSON of an earlier run), each protected
+request's paired ratio to the plain view before and after, at concurrency 1
+(latency) and 8 (throughput).
+
+    python benchmarks/charts.py AFTER.json OUT.png [--baseline BEFORE.json]
+
+redraws an image from the JSON of a run (``run.py --json``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 PLAIN = "plain view"
+ORDER = ("plain view", "plain view in transaction.atomic")
 COMPARED = (
     "atomic (database), first execution",
     "atomic (database), replay",
@@ -28,10 +34,9 @@ def draw(after: dict[str, Any], before: dict[str, Any] | None, path: Path) -> No
     matplotlib.use("Agg")  # no display: files only
     import matplotlib.pyplot as plt
 
-    figure, (latency, change, throughput) = plt.subplots(
-        1, 3, figsize=(17, 5.5), gridspec_kw={"width_ratios": [1.3, 1, 1]}
-    )
+    figure, ((latency, trips), (change, throughput)) = plt.subplots(2, 2, figsize=(14, 10))
     _latency(latency, after["http"]["1"])
+    _round_trips(trips, after, before)
     _before_after(
         change,
         after,
@@ -55,8 +60,32 @@ def draw(after: dict[str, Any], before: dict[str, Any] | None, path: Path) -> No
     plt.close(figure)
 
 
+def _ordered(labels: Any) -> list[str]:
+    """Plain views first, then each protected request in the benchmark's order."""
+    known = [*ORDER, *COMPARED]
+    return sorted(labels, key=lambda label: known.index(label) if label in known else len(known))
+
+
+def _round_trips(axes: Any, after: dict[str, Any], before: dict[str, Any] | None) -> None:
+    labels = _ordered(label for label, trips in after["round_trips"].items() if trips is not None)
+    if not labels:
+        axes.text(0.5, 0.5, "no round trips: SQLite runs in the process", ha="center")
+        axes.set_axis_off()
+        return
+    positions = range(len(labels))
+    now = [after["round_trips"][label] for label in labels]
+    axes.barh([y - 0.2 for y in positions], now, height=0.4, label="after", color="tab:green")
+    if before is not None:
+        then = [before["round_trips"].get(label) or 0 for label in labels]
+        axes.barh([y + 0.2 for y in positions], then, height=0.4, label="before", color="tab:gray")
+    axes.set_yticks(list(positions), labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel("round trips to the database per request", fontsize=9)
+    axes.legend(fontsize=8)
+
+
 def _latency(axes: Any, samples: dict[str, dict[str, float]]) -> None:
-    labels = list(samples)
+    labels = _ordered(samples)
     positions = range(len(labels))
     p50 = [samples[label]["median_ms"] for label in labels]
     p99 = [samples[label]["p99_ms"] for label in labels]
@@ -91,3 +120,23 @@ def _before_after(
     axes.invert_yaxis()
     axes.set_xlabel(title, fontsize=9)
     axes.legend(fontsize=8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("after", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--baseline", type=Path)
+    args = parser.parse_args(argv)
+    before = json.loads(args.baseline.read_text()) if args.baseline else None
+    draw(json.loads(args.after.read_text()), before, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

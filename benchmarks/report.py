@@ -354,7 +354,7 @@ def to_json(results: Results, *, title: str, vendor: str) -> dict[str, Any]:
 
 def write_json(path: str, data: dict[str, Any]) -> None:
     with open(path, "w") as file:
-        json.dump(data, file, indent=1, sort_keys=True)
+        json.dump(data, file, indent=1)
         file.write("\n")
 
 

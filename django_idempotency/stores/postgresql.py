@@ -105,7 +105,9 @@ def begin_and_execute(
     raw: Any = connection.connection
     raw.autocommit = True  # idle, so nothing is sent: BEGIN is ours to send now
     with raw.pipeline():
-        raw.execute("BEGIN")
+        # On the same psycopg cursor (a new one costs its own adapters); the
+        # statement after it leaves its results there.
+        cursor.cursor.execute("BEGIN", prepare=False)
         cursor.execute(statement, params)
 
 
