@@ -14,7 +14,7 @@ settings change: ``setting_changed``, or other settings put in place (as
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import Any, cast
 
@@ -50,7 +50,10 @@ def to_seconds(value: float | timedelta) -> float:
 class Settings:
     """One property per setting, each read from ``django.conf.settings`` on access.
 
-    (Read once, then kept until the setting changes: see the module's docstring.)
+    Each returns the raw value (or its default, which lives only here): the
+    system checks validate it, and code converts it where it is used, so a
+    bad value reaches the check that reports it instead of crashing it.
+    (Read once, then kept until the settings change: see the module's docstring.)
     """
 
     def __init__(self) -> None:
@@ -79,32 +82,33 @@ class Settings:
     @property
     def HEADER(self) -> str:
         """Name of the request header carrying the key."""
-        return str(self._read("IDEMPOTENCY_HEADER", "Idempotency-Key"))
+        value: str = self._read("IDEMPOTENCY_HEADER", "Idempotency-Key")
+        return value
 
     @property
-    def METHODS(self) -> tuple[str, ...]:
-        """HTTP methods that are protected; others pass through untouched."""
-        methods = self._read("IDEMPOTENCY_METHODS", ("POST", "PATCH"))
-        return tuple(m.upper() for m in methods)
+    def METHODS(self) -> Collection[str]:
+        """HTTP methods that are protected (any case); others pass through untouched."""
+        value: Collection[str] = self._read("IDEMPOTENCY_METHODS", ("POST", "PATCH"))
+        return value
 
     @property
     def REQUIRED(self) -> bool:
         """Whether a protected request without a key is refused with 400."""
-        return bool(self._read("IDEMPOTENCY_REQUIRED", True))
+        value: bool = self._read("IDEMPOTENCY_REQUIRED", True)
+        return value
 
     @property
     def SCOPE(self) -> str | Callable[..., str]:
         """Callable (or its dotted path) mapping a request to the key's scope."""
-        value: str | Callable[..., str] = getattr(
-            settings, "IDEMPOTENCY_SCOPE", "django_idempotency.scopes.user_scope"
+        value: str | Callable[..., str] = self._read(
+            "IDEMPOTENCY_SCOPE", "django_idempotency.scopes.user_scope"
         )
         return value
 
     @property
     def FINGERPRINT(self) -> str | Callable[..., str]:
         """Callable (or its dotted path) mapping a request to its fingerprint."""
-        value: str | Callable[..., str] = getattr(
-            settings,
+        value: str | Callable[..., str] = self._read(
             "IDEMPOTENCY_FINGERPRINT",
             "django_idempotency.fingerprints.request_fingerprint",
         )
@@ -137,12 +141,14 @@ class Settings:
     @property
     def RETRY_AFTER(self) -> int:
         """``Retry-After`` seconds sent with a 409 when the remaining time is unknown."""
-        return int(self._read("IDEMPOTENCY_RETRY_AFTER", 1))
+        value: int = self._read("IDEMPOTENCY_RETRY_AFTER", 1)
+        return value
 
     @property
     def STORE(self) -> str:
         """Alias, in ``IDEMPOTENCY_STORES``, of the store views use by default."""
-        return str(self._read("IDEMPOTENCY_STORE", "default"))
+        value: str = self._read("IDEMPOTENCY_STORE", "default")
+        return value
 
     @property
     def STORES(self) -> dict[str, dict[str, Any]]:
@@ -151,21 +157,24 @@ class Settings:
         return value
 
     @property
-    def REPLAYED_HEADERS(self) -> tuple[str, ...]:
+    def REPLAYED_HEADERS(self) -> Collection[str]:
         """Response headers stored and replayed (besides the status and body)."""
-        value = self._read("IDEMPOTENCY_REPLAYED_HEADERS", ("Content-Type", "Location"))
-        return tuple(value)
+        value: Collection[str] = self._read(
+            "IDEMPOTENCY_REPLAYED_HEADERS", ("Content-Type", "Location")
+        )
+        return value
 
     @property
-    def RELEASE_STATUSES(self) -> frozenset[int]:
+    def RELEASE_STATUSES(self) -> Collection[int]:
         """Statuses (besides every 5xx) after which nothing is kept, so a retry runs."""
-        value = self._read("IDEMPOTENCY_RELEASE_STATUSES", (401, 403, 408, 429))
-        return frozenset(int(s) for s in value)
+        value: Collection[int] = self._read("IDEMPOTENCY_RELEASE_STATUSES", (401, 403, 408, 429))
+        return value
 
     @property
     def MAX_BODY_SIZE(self) -> int:
         """Largest response body, in bytes, that is stored for replay."""
-        return int(self._read("IDEMPOTENCY_MAX_BODY_SIZE", 1024 * 1024))
+        value: int = self._read("IDEMPOTENCY_MAX_BODY_SIZE", 1024 * 1024)
+        return value
 
 
 app_settings = Settings()

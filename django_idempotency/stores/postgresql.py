@@ -16,7 +16,6 @@ the row it inserts is committed when the statement ends.
 
 from __future__ import annotations
 
-import enum
 import functools
 import hashlib
 from typing import Any
@@ -25,18 +24,10 @@ from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.utils import CursorWrapper
 
-from django_idempotency.engine import Call
 from django_idempotency.exceptions import RequestInProgress
+from django_idempotency.protocol import Call
 from django_idempotency.stores import sql
-
-
-class Inserted(enum.Enum):
-    #: The row is ours.
-    CLAIMED = "claimed"
-    #: A committed row holds the key; nobody else is claiming it now.
-    TAKEN = "taken"
-    #: Another transaction is claiming the key at this moment.
-    CONTENDED = "contended"
+from django_idempotency.stores.sql import Inserted
 
 
 def lock_id(call: Call) -> int:
@@ -46,7 +37,7 @@ def lock_id(call: Call) -> int:
 
 
 def insert(
-    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], *, prepare: bool = False
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], prepare: bool
 ) -> tuple[Inserted, sql.Row | None]:
     """Claim ``call``'s key with the new row ``values``.
 
