@@ -64,7 +64,8 @@ def render(results: Results, *, title: str, workers: int, quick: bool, load_at_s
     lines += [
         f"- gunicorn: {workers} sync workers; client: Python threads, one connection per request",
         f"- View: one INSERT{_view_queries()}",
-        f"- Budget: {'--quick (smoke run, figures not meaningful)' if quick else 'full'}",
+        f"- Budget: {'--quick (smoke run, figures not meaningful)' if quick else 'full'}"
+        f"{'' if results.scaling else '; latency only (--latency-only)'}",
         "",
     ]
     lines += _statements(results)
