@@ -36,8 +36,9 @@ MATRIX = [
     *((python, django) for django in ("6.0", "6.1") for python in ("3.12", "3.13")),
 ]
 #: Run by ``make test`` in one environment, not in each cell of the matrix:
-#: the browser (Chromium), the wheel build and install, gunicorn on PostgreSQL.
-MATRIX_PYTEST_ARGS = ("-m", "not browser and not packaging and not multiprocess")
+#: the browser (Chromium), the wheel build and install, gunicorn on PostgreSQL,
+#: the task workers on real brokers.
+MATRIX_PYTEST_ARGS = ("-m", "not browser and not packaging and not multiprocess and not broker")
 
 
 def add_pyenv_interpreters() -> None:
@@ -94,7 +95,7 @@ def postgres(session: nox.Session) -> None:
     django = OLDEST_DJANGO
     session.install("-e", ".[drf,redis]", *test_groups(), DJANGO[django], DRF[django])
     session.run("python", "-c", SHOW_VERSIONS)
-    args = session.posargs or ("-m", "not browser and not packaging")
+    args = session.posargs or ("-m", "not browser and not packaging and not broker")
     session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *args)
 
 

@@ -1,23 +1,30 @@
-"""System checks for the ``IDEMPOTENCY_*`` settings and the protected views."""
+"""System checks for the ``IDEMPOTENCY_*`` settings and the protected views.
+
+Registered by :meth:`~django_idempotency.apps.IdempotencyConfig.ready`. They
+validate the raw values of :data:`~django_idempotency.conf.app_settings`
+(whatever their type: a check reports, it never crashes) and build stores
+with :func:`~django_idempotency.stores.get_store`, as requests do.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
-from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.core.checks import CheckMessage, Error, Warning
 from django.db import connections, router
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils.module_loading import import_string
 
 from django_idempotency.conf import app_settings
-from django_idempotency.decorators import handler_options, option_problems
-from django_idempotency.engine import ATOMIC, MODES
+from django_idempotency.decorators import handler_options
+from django_idempotency.policies import option_problems
+from django_idempotency.protocol import ATOMIC, MODES
+from django_idempotency.stores import get_store
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 field name
 _KNOWN_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -46,10 +53,17 @@ def _is_callable_path(value: Any) -> bool:
         return False
 
 
-@register(Tags.compatibility)
+def _strings(value: Any) -> list[str] | None:
+    """``value`` as a list if it is a collection of strings (not one string)."""
+    if not isinstance(value, list | tuple | set | frozenset):
+        return None
+    items = list(value)
+    return items if all(isinstance(item, str) for item in items) else None
+
+
 def check_settings(**kwargs: Any) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
-    header = getattr(settings, "IDEMPOTENCY_HEADER", "Idempotency-Key")
+    header = app_settings.HEADER
     if not isinstance(header, str) or not _TOKEN.match(header):
         errors.append(
             _error(
@@ -58,12 +72,8 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 'Use a name such as "Idempotency-Key".',
             )
         )
-    methods = getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH"))
-    if (
-        isinstance(methods, str)
-        or not all(isinstance(m, str) for m in methods)
-        or not {m.upper() for m in methods} <= _KNOWN_METHODS
-    ):
+    methods = _strings(app_settings.METHODS)
+    if methods is None or not {m.upper() for m in methods} <= _KNOWN_METHODS:
         errors.append(
             _error(
                 2,
@@ -72,7 +82,7 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 "safe methods are never protected.",
             )
         )
-    if not isinstance(getattr(settings, "IDEMPOTENCY_REQUIRED", True), bool):
+    if not isinstance(app_settings.REQUIRED, bool):
         errors.append(
             _error(
                 3,
@@ -133,7 +143,7 @@ def _check_stores(mode: str | None) -> list[CheckMessage]:
             )
         ]
     errors: list[CheckMessage] = []
-    if app_settings.STORE not in stores:
+    if not isinstance(app_settings.STORE, str) or app_settings.STORE not in stores:
         errors.append(
             _error(
                 11,
@@ -141,10 +151,10 @@ def _check_stores(mode: str | None) -> list[CheckMessage]:
                 "Name one of the configured aliases.",
             )
         )
-    for alias, config in stores.items():
+    for alias in stores:
         try:
-            backend: Callable[..., Any] = import_string(config["BACKEND"])
-            store = backend(alias, **config.get("OPTIONS", {}))
+            # Built as requests build it; kept for them if it works.
+            store = get_store(alias)
         except Exception as exc:  # a check reports; it never crashes
             errors.append(
                 _error(
@@ -171,7 +181,60 @@ def _check_stores(mode: str | None) -> list[CheckMessage]:
                     "Use an alias from DATABASES.",
                 )
             )
+        errors.extend(_check_prepare(alias, store))
     return errors + _check_sqlite()
+
+
+def _check_prepare(alias: str, store: Any) -> list[CheckMessage]:
+    """The database store's ``PREPARE`` option against the database's own settings."""
+    if not hasattr(store, "prepare"):
+        return []  # not a database store
+    from django_idempotency.models import IdempotencyKey
+
+    prepare = store.prepare
+    if prepare is not None and not isinstance(prepare, bool):
+        return [
+            _error(
+                46,
+                f"Idempotency store {alias!r}: OPTIONS['PREPARE'] must be True or False.",
+                "False for PgBouncer in transaction pooling mode before 1.21.",
+            )
+        ]
+    database = store.database or router.db_for_write(IdempotencyKey)
+    config = connections.settings.get(database, {})
+    if config.get("ENGINE") != "django.db.backends.postgresql":
+        return []
+    options = config.get("OPTIONS") or {}
+    threshold = options.get("prepare_threshold")
+    # PREPARE left to its default (None): prepared, unless the database's
+    # settings suggest a pooler that cannot have it. An explicit True says
+    # the pooler can.
+    if prepare is None and "prepare_threshold" in options and threshold is None:
+        reason = "its OPTIONS turn prepared statements off (prepare_threshold=None)"
+    elif prepare is None and config.get("DISABLE_SERVER_SIDE_CURSORS"):
+        reason = "DISABLE_SERVER_SIDE_CURSORS says a pooler in transaction mode may be in between"
+    elif prepare is False and threshold is not None:
+        return [
+            Warning(
+                f"Idempotency store {alias!r} has PREPARE False, but database {database!r} "
+                f"prepares every statement run {threshold} times (prepare_threshold), "
+                "the store's included.",
+                hint="Either the pooler supports prepared statements (then drop PREPARE) "
+                "or it does not (then drop prepare_threshold too).",
+                id="django_idempotency.W012",
+            )
+        ]
+    else:
+        return []
+    return [
+        Warning(
+            f"Idempotency store {alias!r} prepares its statements on the server, but "
+            f"for database {database!r} {reason}.",
+            hint="Behind PgBouncer in transaction pooling mode before 1.21, set the "
+            "store's OPTIONS['PREPARE'] = False; otherwise set it to True to say so.",
+            id="django_idempotency.W012",
+        )
+    ]
 
 
 def _check_sqlite() -> list[CheckMessage]:
@@ -194,8 +257,8 @@ def _check_sqlite() -> list[CheckMessage]:
 
 def _check_responses() -> list[CheckMessage]:
     errors: list[CheckMessage] = []
-    headers = getattr(settings, "IDEMPOTENCY_REPLAYED_HEADERS", ("Content-Type", "Location"))
-    if isinstance(headers, str) or not all(isinstance(h, str) and _TOKEN.match(h) for h in headers):
+    headers = _strings(app_settings.REPLAYED_HEADERS)
+    if headers is None or not all(_TOKEN.match(h) for h in headers):
         errors.append(
             _error(
                 15,
@@ -211,8 +274,8 @@ def _check_responses() -> list[CheckMessage]:
                 "A replay would hand one client's cookies to another; remove it.",
             )
         )
-    statuses = getattr(settings, "IDEMPOTENCY_RELEASE_STATUSES", (401, 403, 408, 429))
-    if isinstance(statuses, str) or not all(
+    statuses = app_settings.RELEASE_STATUSES
+    if not isinstance(statuses, list | tuple | set | frozenset) or not all(
         isinstance(s, int) and not isinstance(s, bool) and 400 <= s <= 499 for s in statuses
     ):
         errors.append(
@@ -223,7 +286,7 @@ def _check_responses() -> list[CheckMessage]:
             )
         )
     for id_, name in ((18, "MAX_BODY_SIZE"), (19, "RETRY_AFTER")):
-        value = getattr(settings, f"IDEMPOTENCY_{name}", 1)
+        value = getattr(app_settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             errors.append(
                 _error(
@@ -238,7 +301,6 @@ def _check_responses() -> list[CheckMessage]:
 # The views ---------------------------------------------------------------------------------
 
 
-@register(Tags.urls)
 def check_views(**kwargs: Any) -> list[CheckMessage]:
     """Each protected view names a configured store that supports the view's mode.
 
@@ -277,7 +339,7 @@ def check_views(**kwargs: Any) -> list[CheckMessage]:
         if effective != ATOMIC or (mode is None and alias is None):
             continue  # lease or automatic; the global mode on the default store is E013's
         store = alias or app_settings.STORE
-        if store in stores and not _supports_atomic(stores[store]):
+        if store in stores and not _supports_atomic(store):
             errors.append(
                 _error(
                     21,
@@ -399,9 +461,48 @@ def _idempotency_mixin() -> type | None:
     return IdempotencyMixin
 
 
-def _supports_atomic(config: Any) -> bool:
+def _supports_atomic(alias: str) -> bool:
     try:
-        backend = import_string(config["BACKEND"])
+        store = get_store(alias)
     except Exception:  # E012 reports it
         return True
-    return bool(getattr(backend, "supports_atomic", False))
+    return store.supports_atomic
+
+
+def check_outbox_and_steps(**kwargs: Any) -> list[CheckMessage]:
+    """Steps and the outbox: the sender, the retention, and where their tables live."""
+    from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
+
+    errors: list[CheckMessage] = []
+    sender = app_settings.OUTBOX_SENDER
+    if sender is not None and not _is_callable_path(sender):
+        errors.append(
+            _error(
+                30,
+                "IDEMPOTENCY_OUTBOX_SENDER must be a callable or its dotted path.",
+                "It is called as sender(message) with one OutboxMessage; it returns on "
+                "success and raises on failure. None leaves the relay command unusable.",
+            )
+        )
+    if not _is_seconds(app_settings.OUTBOX_RETENTION):
+        errors.append(
+            _error(
+                31,
+                "IDEMPOTENCY_OUTBOX_RETENTION must be a positive number of seconds.",
+                "Give seconds as a number or a datetime.timedelta (default: 7 days).",
+            )
+        )
+    keys = router.db_for_write(IdempotencyKey)
+    for model in (IdempotencyStep, OutboxMessage):
+        database = router.db_for_write(model)
+        if database != keys:
+            errors.append(
+                _error(
+                    32,
+                    f"{model.__name__} is routed to database {database!r}, idempotency keys "
+                    f"to {keys!r}.",
+                    "Steps and outbox messages are written in the transaction of the key "
+                    "they belong to: route them to the same database as IdempotencyKey.",
+                )
+            )
+    return errors

@@ -26,8 +26,8 @@ from django.utils.decorators import method_decorator
 from django.views import View
 
 from django_idempotency.decorators import idempotent
-from django_idempotency.engine import Call, Claim, Policy
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.protocol import Call, Claim, Policy
 from django_idempotency.stores import get_store
 from tests.factories import UserFactory
 from tests.lease_stores import (

@@ -16,7 +16,7 @@ import pytest
 from django.db import connection
 from django.test import Client
 
-from django_idempotency.engine import Call, Claim, Policy
+from django_idempotency.protocol import Call, Claim, Policy
 from django_idempotency.stores import get_store
 from tests.concurrency_helpers import Gate
 from tests.conftest import ENDPOINTS, Endpoint, problem, send
