@@ -18,6 +18,7 @@ from django.db import connection, connections
 from django.http.response import HttpResponseBase
 from django.test import Client
 
+from django_idempotency import signals
 from django_idempotency.models import IdempotencyKey
 from tests.concurrency_helpers import (
     PATIENCE,
@@ -36,8 +37,9 @@ from tests.testapp.views import Boom
 pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
 
 CROWD = 20
-#: The entry points raced here: a plain Django view, a DRF function view, a viewset.
-RACED = [e for e in ENDPOINTS if e.name in {"plain", "api_function", "viewset_create"}]
+#: The entry points raced here: a plain Django view, a class-based view, a DRF
+#: function view, a viewset.
+RACED = [e for e in ENDPOINTS if e.name in {"plain", "cbv", "api_function", "viewset_create"}]
 
 needs_row_locks = pytest.mark.skipif(
     connection.vendor == "sqlite",
@@ -268,7 +270,8 @@ def test_different_keys_run_in_parallel(
     # serialised, the first to arrive would wait alone and the barrier break.
     all_inside = threading.Barrier(parallel, timeout=PATIENCE / 2)
     view_hooks["inside"] = all_inside.wait
-    answers = Crowd(parallel, sender(raced, key=lambda index: f"key-{index}")).start().answers()
+    keys = sender(raced, key=lambda index: f"{raced.name}-key-{index}")
+    answers = Crowd(parallel, keys).start().answers()
 
     assert_no_errors(answers)
     assert len(executed(answers)) == parallel
@@ -293,11 +296,27 @@ def test_sqlite_serialises_different_keys_instead_of_refusing_them(
     assert Order.objects.count() == 10
 
 
-def test_an_unheld_burst_of_duplicates_executes_once(raced: Endpoint, sender: Any) -> None:
-    # No gate: the natural race, including duplicates arriving after the commit.
-    answers = Crowd(CROWD, sender(raced)).start().answers()
+@pytest.mark.usefixtures("short_sqlite_busy_timeout")
+def test_an_unheld_burst_of_duplicates_executes_once(
+    raced: Endpoint, sender: Any, view_hooks: dict[str, Any]
+) -> None:
+    # No gate the test opens: the natural race, including duplicates arriving
+    # after the commit. Only, the first execution stays in the view until a
+    # duplicate has been refused, so that the burst is sure to overlap it.
+    refused = threading.Event()
+
+    def on_conflict(**kwargs: Any) -> None:
+        refused.set()
+
+    signals.conflict.connect(on_conflict)
+    view_hooks["inside"] = lambda: refused.wait(PATIENCE)
+    try:
+        answers = Crowd(CROWD, sender(raced)).start().answers()
+    finally:
+        signals.conflict.disconnect(on_conflict)
 
     assert_no_errors(answers)
+    assert any(answer.status == 409 for answer in answers)  # they did overlap
     [first] = executed(answers)
     for other in answers:
         if other is first:
