@@ -19,6 +19,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from django_idempotency.fingerprints import request_fingerprint
 from tests.factories import UserFactory
+from tests.servers import pgbouncer_server_fixture, redis_cluster_server_fixture  # noqa: F401
 from tests.testapp import views
 
 # Nothing of hypothesis' in the working tree (examples, Unicode tables).
