@@ -397,7 +397,7 @@ def _pgbouncer_ini(bouncer: PgBouncer, host: str, port: int, users: Sequence[str
         "admin_users = " + ",".join(users),
         "pool_mode = transaction",
         "max_client_conn = 200",
-        "default_pool_size = 20",
+        "default_pool_size = 40",
         # A transaction may stay open this long between statements; longer
         # means a stuck client, whose server connection is closed.
         "idle_transaction_timeout = 60",
