@@ -37,7 +37,10 @@ MATRIX = [
 ]
 #: Run by ``make test`` in one environment, not in each cell of the matrix:
 #: the browser (Chromium), the wheel build and install, gunicorn on PostgreSQL.
-MATRIX_PYTEST_ARGS = ("-m", "not browser and not packaging and not multiprocess")
+MATRIX_PYTEST_ARGS = (
+    "-m",
+    "not browser and not packaging and not multiprocess and not redis_cluster and not pgbouncer",
+)
 
 
 def add_pyenv_interpreters() -> None:
