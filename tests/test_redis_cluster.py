@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.core.cache import caches
 from django.test import Client
 from django_redis import get_redis_connection
 from redis.backoff import NoBackoff
@@ -133,6 +134,32 @@ def test_the_cache_talks_to_the_cluster(
     flags = [str(node["flags"]) for node in client.cluster_nodes().values()]
     assert sum("master" in flag for flag in flags) == 3
     assert sum("slave" in flag for flag in flags) == 3
+
+
+def test_caches_with_the_same_location_and_options_share_one_client(
+    redis_store: CacheStore, redis_cluster_server: Cluster, settings: Any
+) -> None:
+    redis_store.claim(Call("tests", "share", "f" * 64), POLICY)  # the client is in use
+    settings.CACHES = {**settings.CACHES, "twin": cluster_cache(redis_cluster_server)}
+
+    assert get_redis_connection("twin") is get_redis_connection("redis")
+
+
+def test_closing_the_cache_disconnects_its_cluster_client(
+    redis_cluster_server: Cluster, settings: Any
+) -> None:
+    closing = cluster_cache(redis_cluster_server, socket_keepalive=True)
+    closing["OPTIONS"]["CLOSE_CONNECTION"] = True
+    settings.CACHES = {**settings.CACHES, "closing": closing}
+    first = get_redis_connection("closing")
+    assert first.set("closing-test", "1")
+
+    caches["closing"].close()
+
+    second = get_redis_connection("closing")
+    assert second is not first
+    assert second.get("closing-test") == b"1"
+    assert second.delete("closing-test") == 1
 
 
 def test_records_are_spread_over_every_master(

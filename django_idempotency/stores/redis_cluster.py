@@ -52,11 +52,14 @@ class ClusterConnectionFactory(ConnectionFactory):  # type: ignore[misc]
         # Node connections get redis-py's own parser; the cluster takes no pool class.
         kwargs.pop("parser_class", None)
         kwargs.update(self.redis_client_cls_kwargs)
-        if "startup_nodes" in kwargs:
+        nodes = list(kwargs.get("startup_nodes", ()))
+        if nodes:
             # RedisCluster appends the URL's node to the list it is given.
-            kwargs["startup_nodes"] = list(kwargs["startup_nodes"])
-        # Caches with the same location and options share a client.
-        key = repr(sorted(kwargs.items()))
+            kwargs["startup_nodes"] = nodes
+        # Caches with the same location and options share a client. (Startup
+        # nodes by address: RedisCluster attaches connections to them.)
+        options = sorted((name, value) for name, value in kwargs.items() if name != "startup_nodes")
+        key = repr((options, [f"{node.host}:{node.port}" for node in nodes]))
         with self._lock:
             cluster = self._clusters.get(key)
             if cluster is None:
