@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -372,8 +373,6 @@ class PgBouncer:
 def _unprivileged_user() -> str:
     for name in ("postgres", "nobody"):
         with contextlib.suppress(KeyError):
-            import pwd
-
             pwd.getpwnam(name)
             return name
     raise RuntimeError("no unprivileged user to run pgbouncer as")
@@ -401,7 +400,6 @@ def _pgbouncer_ini(bouncer: PgBouncer, host: str, port: int, users: Sequence[str
         # A transaction may stay open this long between statements; longer
         # means a stuck client, whose server connection is closed.
         "idle_transaction_timeout = 60",
-        "server_reset_query =",
         "ignore_startup_parameters = extra_float_digits",
         "log_connections = 0",
         "log_disconnections = 0",
@@ -422,8 +420,6 @@ def pgbouncer(host: str, port: int, users: Sequence[str]) -> Iterator[PgBouncer]
         (directory / "users.txt").write_text("".join(f'"{user}" ""\n' for user in users))
         bouncer.config.write_text(_pgbouncer_ini(bouncer, host, port, users))
         if os.geteuid() == 0:
-            import pwd
-
             owner = pwd.getpwnam(_unprivileged_user())
             os.chown(directory, owner.pw_uid, owner.pw_gid)
         try:

@@ -26,7 +26,7 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from tests.multiprocess import harness
 from tests.multiprocess.harness import PATIENCE, Reply, serial, stampede
-from tests.multiprocess.shop import ORDERS, PAYMENTS, Shop, Target, User, new_key
+from tests.multiprocess.shop import ORDERS, PAYMENTS, Entry, Shop, Target, User, new_key
 from tests.servers import PgBouncer, wait_until
 from tests.servers import RedisCluster as Cluster
 from tests.test_multiprocess import assert_stored_once, tally_one_execution
@@ -50,7 +50,11 @@ FIGURES: list[str] = []
 
 @contextlib.contextmanager
 def running_shop(
-    work: Path, server_url: str, direct_url: str, extra: dict[str, str], **shop: object
+    work: Path,
+    server_url: str,
+    direct_url: str,
+    extra: dict[str, str],
+    redis_client: RedisCluster | None = None,
 ) -> Iterator[Shop]:
     """gunicorn serving the shop from ``server_url``; counted through ``direct_url``."""
     fault_dir = work / "faults"
@@ -60,7 +64,7 @@ def running_shop(
         environ = {**harness.server_environ(server_url, fault_dir, closed_port), **extra}
         users = harness.prepare(environ)
         server = stack.enter_context(harness.gunicorn(environ, work / "gunicorn.log"))
-        running = Shop(server, harness.Database(direct_url), users, fault_dir, **shop)  # type: ignore[arg-type]
+        running = Shop(server, harness.Database(direct_url), users, fault_dir, redis_client)
         stack.callback(running.close)
         yield running
 
@@ -252,8 +256,8 @@ def cluster_shop(
 
 @pytest.mark.redis_cluster
 @pytest.mark.parametrize("entry", [ORDERS, PAYMENTS], ids=str)
-def test_cluster_simultaneous_duplicates_execute_once(cluster_shop: Shop, entry: object) -> None:
-    FIGURES.append(simultaneous_duplicates(cluster_shop, Target(entry, "redis")))  # type: ignore[arg-type]
+def test_cluster_simultaneous_duplicates_execute_once(cluster_shop: Shop, entry: Entry) -> None:
+    FIGURES.append(simultaneous_duplicates(cluster_shop, Target(entry, "redis")))
 
 
 @pytest.mark.redis_cluster
