@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     django.setup()
     from django.test import override_settings
 
-    from django_idempotency.engine import Call, Policy, Snapshot
+    from django_idempotency.protocol import Call, Execute, Policy, Replay, Snapshot
     from django_idempotency.stores.cache import CacheStore
     from tests.servers import redis_cluster
 
@@ -67,16 +67,17 @@ def main(argv: list[str] | None = None) -> None:
             for store in stores.values():
                 for call in calls:
                     claim = store.claim(call, policy)
-                    if claim.replay is None:
+                    if isinstance(claim, Execute):
                         store.complete(claim, snapshot, policy)
             timings: dict[str, list[float]] = {name: [] for name in stores}
             for _ in range(args.rounds):
                 for name, store in stores.items():
                     for call in calls:
                         started = time.perf_counter()
-                        replay = store.claim(call, policy).replay
+                        replay = store.claim(call, policy)
                         timings[name].append(time.perf_counter() - started)
-                        assert replay == snapshot
+                        assert isinstance(replay, Replay)
+                        assert replay.snapshot == snapshot
             for store in stores.values():
                 for call in calls:
                     from django_redis import get_redis_connection
