@@ -36,10 +36,11 @@ MATRIX = [
     *((python, django) for django in ("6.0", "6.1") for python in ("3.12", "3.13")),
 ]
 #: Run by ``make test`` in one environment, not in each cell of the matrix:
-#: the browser (Chromium), the wheel build and install, gunicorn on PostgreSQL.
+#: the browser (Chromium), the wheel build and install, gunicorn on PostgreSQL,
+#: the task workers on real brokers, the Redis Cluster and PgBouncer tests.
 MATRIX_PYTEST_ARGS = (
     "-m",
-    "not browser and not packaging and not multiprocess and not redis_cluster and not pgbouncer",
+    "not browser and not packaging and not multiprocess and not redis_cluster and not pgbouncer and not broker",
 )
 
 

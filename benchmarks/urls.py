@@ -11,3 +11,8 @@ urlpatterns = [
     path("lease/", views.lease),
     path("lease-redis/", views.lease_redis),
 ]
+if views.drf_plain is not None and views.drf_protected is not None:
+    urlpatterns += [
+        path("drf/", views.drf_plain),
+        path("drf-atomic/", views.drf_protected),
+    ]

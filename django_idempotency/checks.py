@@ -180,7 +180,60 @@ def _check_stores(mode: str | None) -> list[CheckMessage]:
                     "Use an alias from DATABASES.",
                 )
             )
+        errors.extend(_check_prepare(alias, store))
     return errors + _check_sqlite()
+
+
+def _check_prepare(alias: str, store: Any) -> list[CheckMessage]:
+    """The database store's ``PREPARE`` option against the database's own settings."""
+    if not hasattr(store, "prepare"):
+        return []  # not a database store
+    from django_idempotency.models import IdempotencyKey
+
+    prepare = store.prepare
+    if prepare is not None and not isinstance(prepare, bool):
+        return [
+            _error(
+                46,
+                f"Idempotency store {alias!r}: OPTIONS['PREPARE'] must be True or False.",
+                "False for PgBouncer in transaction pooling mode before 1.21.",
+            )
+        ]
+    database = store.database or router.db_for_write(IdempotencyKey)
+    config = connections.settings.get(database, {})
+    if config.get("ENGINE") != "django.db.backends.postgresql":
+        return []
+    options = config.get("OPTIONS") or {}
+    threshold = options.get("prepare_threshold")
+    # PREPARE left to its default (None): prepared, unless the database's
+    # settings suggest a pooler that cannot have it. An explicit True says
+    # the pooler can.
+    if prepare is None and "prepare_threshold" in options and threshold is None:
+        reason = "its OPTIONS turn prepared statements off (prepare_threshold=None)"
+    elif prepare is None and config.get("DISABLE_SERVER_SIDE_CURSORS"):
+        reason = "DISABLE_SERVER_SIDE_CURSORS says a pooler in transaction mode may be in between"
+    elif prepare is False and threshold is not None:
+        return [
+            Warning(
+                f"Idempotency store {alias!r} has PREPARE False, but database {database!r} "
+                f"prepares every statement run {threshold} times (prepare_threshold), "
+                "the store's included.",
+                hint="Either the pooler supports prepared statements (then drop PREPARE) "
+                "or it does not (then drop prepare_threshold too).",
+                id="django_idempotency.W012",
+            )
+        ]
+    else:
+        return []
+    return [
+        Warning(
+            f"Idempotency store {alias!r} prepares its statements on the server, but "
+            f"for database {database!r} {reason}.",
+            hint="Behind PgBouncer in transaction pooling mode before 1.21, set the "
+            "store's OPTIONS['PREPARE'] = False; otherwise set it to True to say so.",
+            id="django_idempotency.W012",
+        )
+    ]
 
 
 def _check_sqlite() -> list[CheckMessage]:
@@ -337,3 +390,42 @@ def _supports_atomic(alias: str) -> bool:
     except Exception:  # E012 reports it
         return True
     return store.supports_atomic
+
+
+def check_outbox_and_steps(**kwargs: Any) -> list[CheckMessage]:
+    """Steps and the outbox: the sender, the retention, and where their tables live."""
+    from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
+
+    errors: list[CheckMessage] = []
+    sender = app_settings.OUTBOX_SENDER
+    if sender is not None and not _is_callable_path(sender):
+        errors.append(
+            _error(
+                30,
+                "IDEMPOTENCY_OUTBOX_SENDER must be a callable or its dotted path.",
+                "It is called as sender(message) with one OutboxMessage; it returns on "
+                "success and raises on failure. None leaves the relay command unusable.",
+            )
+        )
+    if not _is_seconds(app_settings.OUTBOX_RETENTION):
+        errors.append(
+            _error(
+                31,
+                "IDEMPOTENCY_OUTBOX_RETENTION must be a positive number of seconds.",
+                "Give seconds as a number or a datetime.timedelta (default: 7 days).",
+            )
+        )
+    keys = router.db_for_write(IdempotencyKey)
+    for model in (IdempotencyStep, OutboxMessage):
+        database = router.db_for_write(model)
+        if database != keys:
+            errors.append(
+                _error(
+                    32,
+                    f"{model.__name__} is routed to database {database!r}, idempotency keys "
+                    f"to {keys!r}.",
+                    "Steps and outbox messages are written in the transaction of the key "
+                    "they belong to: route them to the same database as IdempotencyKey.",
+                )
+            )
+    return errors

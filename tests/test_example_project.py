@@ -62,7 +62,7 @@ def charges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Amounts sent to the payment provider (the one external system of the shop)."""
     charged: list[int] = []
 
-    def charge(amount_cents: int) -> str:
+    def charge(amount_cents: int, idempotency_key: str | None = None) -> str:
         charged.append(amount_cents)
         return f"ch_test_{len(charged)}"
 
@@ -230,7 +230,7 @@ def test_duplicate_payment_while_the_first_is_charging_gets_409(
     payment = {"order": create_order("alice").pk, "amount_cents": 450}
     charging, release = threading.Event(), threading.Event()
 
-    def slow_charge(amount_cents: int) -> str:
+    def slow_charge(amount_cents: int, idempotency_key: str | None = None) -> str:
         charging.set()
         assert release.wait(timeout=30), "the test never released the charge"
         return "ch_slow"

@@ -119,10 +119,12 @@ def test_wheel_metadata(dists: Distributions) -> None:
     assert metadata["Name"] == "django-idempotency"
     assert metadata["License-Expression"] == "MIT"
     assert metadata["Requires-Python"] == ">=3.10"
-    assert set(metadata.get_all("Provides-Extra") or []) == {"drf", "redis", "spectacular"}
+    extras = set(metadata.get_all("Provides-Extra") or [])
+    assert extras == {"drf", "redis", "spectacular", "celery"}
     requirements = metadata.get_all("Requires-Dist") or []
     assert "Django>=5.2" in requirements
     assert 'drf-spectacular>=0.28; extra == "spectacular"' in requirements
+    assert 'celery>=5.4; extra == "celery"' in requirements
     classifiers = set(metadata.get_all("Classifier") or [])
     for django in ("5.2", "6.0", "6.1"):
         assert f"Framework :: Django :: {django}" in classifiers

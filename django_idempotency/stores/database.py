@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -43,13 +44,24 @@ class DatabaseStore(Store):
 
     Option ``DATABASE``: the alias to use; by default the one the database
     router picks for writes of ``IdempotencyKey`` (never a read replica).
+    Option ``PREPARE`` (PostgreSQL with psycopg 3): whether the store's own
+    statements are prepared on the server whatever the connection's
+    ``prepare_threshold`` (by default they are); ``False`` for PgBouncer in
+    transaction pooling mode older than 1.21.
     """
 
     supports_atomic = True
 
-    def __init__(self, alias: str, *, DATABASE: str | None = None) -> None:
+    def __init__(
+        self, alias: str, *, DATABASE: str | None = None, PREPARE: bool | None = None
+    ) -> None:
         super().__init__(alias)
         self.database = DATABASE
+        #: As configured: ``None`` when left to the default (the checks tell).
+        self.prepare = PREPARE
+        self.prepares_statements = PREPARE is not False
+        # The atomic block each thread's request runs in, while it runs.
+        self._blocks = threading.local()
 
     @property
     def db(self) -> str:
@@ -60,6 +72,7 @@ class DatabaseStore(Store):
         connection = transaction.get_connection(self.db)
         block = transaction.atomic(using=connection.alias)
         block.__enter__()
+        outer, self._blocks.current = getattr(self._blocks, "current", None), block
         try:
             yield
         except BaseException as exc:
@@ -68,6 +81,8 @@ class DatabaseStore(Store):
             with _reachable(connection):
                 block.__exit__(type(exc), exc, exc.__traceback__)
             raise
+        finally:
+            self._blocks.current = outer
         with _reachable(connection):
             block.__exit__(None, None, None)
 
@@ -102,15 +117,36 @@ class DatabaseStore(Store):
             key=claim.call.key,
             token=claim.token,
         )
-        with _reachable(connection), sql.cursor(connection) as cursor:
-            cursor.execute(sql.statements(connection).complete, params)
+        prepare = self.prepares_statements
+        with _reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
+            if self._ends_its_transaction(connection):
+                # The last statement of the store's own transaction: COMMIT
+                # goes with it, one round trip (Django's commit then finds the
+                # transaction ended and sends nothing).
+                postgresql.complete_and_commit(
+                    connection, cursor, sql.statements(connection).complete, params
+                )
+            else:
+                cursor.execute(sql.statements(connection).complete, params)
             updated: int = cursor.rowcount
         return updated == 1
+
+    def _ends_its_transaction(self, connection: BaseDatabaseWrapper) -> bool:
+        """Whether the store may commit now: its own block is the transaction, intact."""
+        block = getattr(self._blocks, "current", None)
+        return (
+            block is not None
+            and connection.atomic_blocks == [block]
+            and connection.commit_on_exit
+            and not connection.needs_rollback
+            and postgresql.pipelines(connection)
+        )
 
     def release(self, claim: Execute) -> None:
         connection = transaction.get_connection(self.db)
         params = [claim.call.scope, claim.call.key, claim.token]
-        with _reachable(connection), sql.cursor(connection) as cursor:
+        prepare = self.prepares_statements
+        with _reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
             cursor.execute(sql.statements(connection).release, params)
 
     def _claim(self, connection: BaseDatabaseWrapper, call: Call, policy: Policy) -> Claim:
@@ -119,7 +155,8 @@ class DatabaseStore(Store):
         for _ in range(_CLAIM_ROUNDS):
             token = uuid.uuid4().hex
             now = timezone.now()
-            inserted, row = insert(connection, call, _new_row(call, policy, token, now))
+            values = _new_row(call, policy, token, now)
+            inserted, row = insert(connection, call, values, self.prepares_statements)
             if inserted is Inserted.CLAIMED:
                 return Execute(call, token)
             if inserted is Inserted.CONTENDED and not _is_final(row, now):
@@ -254,12 +291,15 @@ def _claiming(connection: BaseDatabaseWrapper, policy: Policy) -> Iterator[None]
 
 # The vendor-specific insert: claim the key with a new row, or say who holds it.
 # Each returns what happened and, unless the row was inserted, the row that
-# holds the key as the insert saw it (None: none seen, or not looked at).
-Insert = Callable[[BaseDatabaseWrapper, Call, dict[str, Any]], tuple[Inserted, "sql.Row | None"]]
+# holds the key as the insert saw it (None: none seen, or not looked at). The
+# last argument is the store's PREPARE option (only PostgreSQL prepares).
+Insert = Callable[
+    [BaseDatabaseWrapper, Call, dict[str, Any], bool], tuple[Inserted, "sql.Row | None"]
+]
 
 
 def _insert_sqlite(
-    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any]
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], prepare: bool
 ) -> tuple[Inserted, sql.Row | None]:
     # No row locks: the database lock serialises writers, so the insert either
     # claims the key or finds a committed row.
@@ -272,7 +312,7 @@ def _insert_sqlite(
 
 
 def _insert_mysql(
-    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any]
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], prepare: bool
 ) -> tuple[Inserted, sql.Row | None]:
     # Waits (bounded by _lock_wait) on another transaction's uncommitted row.
     params = sql.new_row_params(connection, values)

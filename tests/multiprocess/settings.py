@@ -12,13 +12,18 @@ from __future__ import annotations
 import os
 
 from example_project.settings import *  # noqa: F403
-from example_project.settings import CACHES, DATABASES, IDEMPOTENCY_STORES
+from example_project.settings import CACHES, DATABASES, IDEMPOTENCY_STORES, MIDDLEWARE
 
 # Server errors as plain 500s, as in production, not debug pages.
 DEBUG = False
 ROOT_URLCONF = "tests.multiprocess.urls"
 
 FAULT_DIR = os.environ.get("MP_FAULT_DIR", "")
+
+# X-Hold-At: hold a request at a step boundary (see views.remember_hold_point).
+MIDDLEWARE = [*MIDDLEWARE, "tests.multiprocess.views.remember_hold_point"]
+# The shop's sender, logging deliveries and, if asked, holding the relay.
+IDEMPOTENCY_OUTBOX_SENDER = "tests.multiprocess.views.deliver_and_hold"
 
 # One database session per worker, kept, as deployments do: a session
 # terminated under a request is then one the worker had been reusing.
