@@ -40,7 +40,8 @@ MATRIX = [
 #: the task workers on real brokers, the Redis Cluster and PgBouncer tests.
 MATRIX_PYTEST_ARGS = (
     "-m",
-    "not browser and not packaging and not multiprocess and not redis_cluster and not pgbouncer and not broker",
+    "not browser and not packaging and not multiprocess and not broker"
+    " and not redis_cluster and not pgbouncer",
 )
 
 
