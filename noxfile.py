@@ -37,8 +37,12 @@ MATRIX = [
 ]
 #: Run by ``make test`` in one environment, not in each cell of the matrix:
 #: the browser (Chromium), the wheel build and install, gunicorn on PostgreSQL,
-#: the task workers on real brokers.
-MATRIX_PYTEST_ARGS = ("-m", "not browser and not packaging and not multiprocess and not broker")
+#: the task workers on real brokers, the Redis Cluster and PgBouncer tests.
+MATRIX_PYTEST_ARGS = (
+    "-m",
+    "not browser and not packaging and not multiprocess and not broker"
+    " and not redis_cluster and not pgbouncer",
+)
 
 
 def add_pyenv_interpreters() -> None:

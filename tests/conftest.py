@@ -22,6 +22,7 @@ from tests.factories import UserFactory
 
 # REQUIRE_MARKERS: skips of the required markers' tests are failures (hooks, found by name).
 from tests.required_markers import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
+from tests.servers import pgbouncer_server_fixture, redis_cluster_server_fixture  # noqa: F401
 from tests.testapp import views
 
 # Nothing of hypothesis' in the working tree (examples, Unicode tables).
