@@ -140,10 +140,14 @@ class LightChangeList(ChangeList):
 def date_drilldown(cl: ChangeList) -> dict[str, Any]:
     """What Django's date hierarchy shows, without reading the whole table.
 
-    Django's own takes MIN and MAX of the column, then its DISTINCT days, on
-    every page: two full scans of an unindexed column. Here the bounds are the
-    dates of the oldest and newest keys by primary key (two index lookups),
-    and every period between them is offered, some possibly empty.
+    Django's own (the ``date_hierarchy`` template tag) cannot be used as it
+    is: on every page it takes MIN and MAX of the column, then
+    ``QuerySet.dates()``, a DISTINCT over every row of the chosen year or
+    month: full scans of an unindexed column that grow with the table, which
+    no list filter of Django's avoids either. Here the bounds are the dates of
+    the oldest and newest keys by primary key (two index lookups), and every
+    period between them is offered, some possibly empty. The filtering itself
+    stays Django's (``ChangeList`` turns the parameters into a range query).
     """
     name = cl.date_hierarchy
     verbose_name = getattr(cl.model._meta.get_field(name), "verbose_name", name)
@@ -161,6 +165,13 @@ def date_drilldown(cl: ChangeList) -> dict[str, Any]:
             year = first.year
             if first.month == last.month:
                 month = first.month
+    try:
+        # A date that does not exist (day 40, 31 November, month 13) selects
+        # no key; Django answers such a list without a drill-down, as here.
+        # A year, if unknown, is a leap year so that 29 February passes.
+        date(*(1 if part is None else part for part in (year or 2000, month, day)))
+    except ValueError:
+        return {"show": False}
 
     def link(filters: dict[str, Any]) -> str:
         return str(cl.get_query_string(filters, [f"{name}__"]))
@@ -237,8 +248,8 @@ def _days(year: int, month: int, bounds: tuple[date, date] | None) -> list[date]
 @admin.register(IdempotencyKey)
 class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
-        "key",
-        "scope",
+        "short_key",
+        "short_scope",
         "method",
         "short_path",
         "state",
@@ -246,6 +257,7 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "created",
         "expires",
     )
+    list_display_links = ("short_key",)
     list_filter = ("state", StatusClassFilter, MethodFilter, ExpiredFilter)
     search_fields = ("key", "scope", "path")
     search_help_text = _("Searches keys, scopes and paths.")
@@ -307,9 +319,19 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return LightChangeList
 
+    # Keys, scopes and paths run to 255 characters: the list shows their start,
+    # the whole is in the cell's title (a tooltip, and there for copying).
+    @admin.display(description=_("key"))
+    def short_key(self, obj: IdempotencyKey) -> str:
+        return _shortened(obj.key, 32)
+
+    @admin.display(description=_("scope"))
+    def short_scope(self, obj: IdempotencyKey) -> str:
+        return _shortened(obj.scope, 24)
+
     @admin.display(description=_("path"))
     def short_path(self, obj: IdempotencyKey) -> str:
-        return Truncator(obj.path).chars(60)
+        return _shortened(obj.path, 40)
 
     @admin.display(description=_("response headers"))
     def headers(self, obj: IdempotencyKey) -> str:
@@ -357,6 +379,12 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         )
 
 
+def _shortened(value: str, length: int) -> str:
+    if len(value) <= length:
+        return value
+    return format_html('<span title="{}">{}</span>', value, Truncator(value).chars(length))
+
+
 def render_body(body: bytes) -> SafeString:
     """A stored body for people: JSON indented, text as text, binary in hex; escaped."""
     if not body:
@@ -368,7 +396,7 @@ def render_body(body: bytes) -> SafeString:
     try:
         text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
         kind = "JSON"
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deep to decode: shown as text
         kind = gettext("text")
         if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
             return _render_binary(body)

@@ -22,6 +22,7 @@ from django.utils.module_loading import import_string
 
 from django_idempotency.conf import app_settings
 from django_idempotency.decorators import handler_options
+from django_idempotency.policies import option_problems
 from django_idempotency.protocol import ATOMIC, MODES
 from django_idempotency.stores import get_store
 
@@ -245,8 +246,10 @@ def _check_sqlite() -> list[CheckMessage]:
     return [
         Warning(
             "Idempotency keys are stored in SQLite, which serialises all writers.",
-            hint="Fine for development and tests; concurrent duplicates get 409. "
-            "Use PostgreSQL or MariaDB in production.",
+            hint="Fine for development and tests. A concurrent duplicate waits for the "
+            "database lock, then replays (409 only after the connection's timeout), and "
+            "unrelated writes wait too. Use PostgreSQL or MariaDB in production; silence "
+            'it with SILENCED_SYSTEM_CHECKS = ["django_idempotency.W001"].',
             id="django_idempotency.W001",
         )
     ]
@@ -310,12 +313,17 @@ def check_views(**kwargs: Any) -> list[CheckMessage]:
     stores = app_settings.STORES
     if not isinstance(stores, dict):
         return []  # E010
+    mixin = _idempotency_mixin()
     try:
         patterns = get_resolver().url_patterns
-        views = list(_protected_views(patterns, _idempotency_mixin()))
+        views = list(_protected_views(patterns, mixin))
+        routed = _routed_mixin_views(patterns, mixin) if mixin is not None else {}
     except Exception:  # a broken URLconf: Django's own checks report it
         return []
     errors: list[CheckMessage] = []
+    for view_class, actions in routed.items():
+        errors.extend(_check_mixin_attributes(view_class))
+        errors.extend(_check_mixin_actions(view_class, actions))
     for name, mode, alias in dict.fromkeys(views):
         if alias is not None and alias not in stores:
             errors.append(
@@ -368,6 +376,75 @@ def _protections(view: Any, mixin: type | None) -> Iterator[tuple[str, str | Non
         options = handler_options(member)
         if options is not None and not inspect.iscoroutinefunction(member):
             yield f"{_name(view_class)}.{attribute}", options.mode, options.store
+
+
+def _routed_mixin_views(patterns: Iterable[Any], mixin: type) -> dict[type, set[str]]:
+    """Each ``IdempotencyMixin`` class the patterns route to, with its routed actions."""
+    found: dict[type, set[str]] = {}
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            for view_class, actions in _routed_mixin_views(pattern.url_patterns, mixin).items():
+                found.setdefault(view_class, set()).update(actions)
+        elif isinstance(pattern, URLPattern):
+            routed_class = getattr(pattern.callback, "cls", None)
+            if isinstance(routed_class, type) and issubclass(routed_class, mixin):
+                # A router's callback maps HTTP methods to the viewset's actions.
+                routes: dict[str, str] = getattr(pattern.callback, "actions", None) or {}
+                found.setdefault(routed_class, set()).update(routes.values())
+    return found
+
+
+def _check_mixin_attributes(view_class: type) -> list[CheckMessage]:
+    values = {
+        name: _static_option(view_class, f"idempotency_{name}")
+        # The store is E020's.
+        for name in (
+            "methods",
+            "required",
+            "scope",
+            "fingerprint",
+            "retention",
+            "mode",
+            "lease",
+            "wait",
+        )
+    }
+    return [
+        _error(
+            25,
+            f"{_name(view_class)} has a bad idempotency option: {problem}",
+            "Fix the class attribute; get_idempotency_* hooks are checked on each request.",
+        )
+        for problem in option_problems(values, prefix="idempotency_")
+    ]
+
+
+def _static_option(view_class: type, attribute: str) -> Any:
+    # As the mixin reads scope and fingerprint: a plain function assigned in
+    # the class body is an option, not a method.
+    value = inspect.getattr_static(view_class, attribute, None)
+    return value.__func__ if isinstance(value, staticmethod) else value
+
+
+def _check_mixin_actions(view_class: type, routed: set[str]) -> list[CheckMessage]:
+    actions = getattr(view_class, "idempotency_actions", None)
+    if actions is None:
+        return []
+    if isinstance(actions, str) or not isinstance(actions, Iterable):
+        unknown = [repr(actions)]
+    else:
+        unknown = sorted(repr(a) for a in actions if a not in routed)
+    if not unknown:
+        return []
+    known = ", ".join(sorted(routed)) or "none: it is not a routed viewset"
+    return [
+        _error(
+            26,
+            f"{_name(view_class)} lists idempotency_actions {', '.join(unknown)}, which "
+            "the URLconf routes to no action of the view: they protect nothing.",
+            f"Give a collection of its action names (routed actions: {known}).",
+        )
+    ]
 
 
 def _name(view: Any) -> str:

@@ -180,12 +180,27 @@ def test_views_with_a_store_or_mode_that_cannot_work_are_reported() -> None:
     found = view_errors(ROOT_URLCONF=MISCONFIGURED, IDEMPOTENCY_STORES=WITH_LEASE_ONLY)
 
     assert found == {
-        "unknown_store": {"django_idempotency.E020"},
-        "api_unknown_store.post": {"django_idempotency.E020"},
+        "MixinUnknownStore": {"django_idempotency.E020"},
         "atomic_on_lease_only": {"django_idempotency.E021"},
         "AtomicOnLeaseOnlyView.post": {"django_idempotency.E021"},
         "MixinOnLeaseOnly": {"django_idempotency.E021"},
+        "MixinBadAttributes": {"django_idempotency.E025"},
+        "TypoActionViewSet": {"django_idempotency.E026"},
+        "ActionsStringViewSet": {"django_idempotency.E026"},
+        "ActionsOnAnAPIView": {"django_idempotency.E026"},
     }
+
+
+def test_each_bad_mixin_attribute_and_unknown_action_is_named() -> None:
+    with override_settings(ROOT_URLCONF=MISCONFIGURED, IDEMPOTENCY_STORES=WITH_LEASE_ONLY):
+        messages = {
+            m.msg for m in check_views() if m.id in {f"django_idempotency.E02{n}" for n in (5, 6)}
+        }
+    text = "\n".join(sorted(messages))
+    for fragment in ("idempotency_methods", "idempotency_wait", "idempotency_scope", "'craete'"):
+        assert fragment in text
+    assert "'refund'" not in text
+    assert 'idempotency_methods=("POST",)' in text
 
 
 def test_a_global_atomic_mode_applies_to_views_that_name_a_lease_only_store() -> None:

@@ -301,6 +301,36 @@ def test_plain_view_refuses_a_bad_order(alice_session: Client, body: bytes, fiel
     assert not Order.objects.exists()
 
 
+def test_plain_view_refuses_a_multipart_body_through_the_csrf_check(
+    demo_users: dict[str, AbstractBaseUser],
+) -> None:
+    # As a browser sends it: the CSRF middleware reads request.POST first.
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(demo_users["alice"])
+    token = client.get("/").context["csrf_token"]
+    response = client.post(
+        "/orders/",
+        {"item": "tea", "amount": "1", "csrfmiddlewaretoken": str(token)},
+        headers={"Idempotency-Key": "multipart"},
+    )
+
+    assert response.status_code == 400
+    assert "__all__" in response.json()["errors"]
+    assert Order.objects.count() == 0
+
+
+def test_plain_view_refuses_deeply_nested_json(alice_session: Client) -> None:
+    response = alice_session.post(
+        "/orders/",
+        b"[" * 100_000 + b"]" * 100_000,
+        content_type="application/json",
+        headers={"Idempotency-Key": "deep"},
+    )
+
+    assert response.status_code == 400
+    assert "__all__" in response.json()["errors"]
+
+
 def test_plain_view_sends_anonymous_users_to_log_in(db: None) -> None:
     response = post_json(Client(), "/orders/", {"item": "tea", "amount": 1}, key="k")
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -108,12 +109,17 @@ class OrderForm(ModelForm):  # type: ignore[type-arg]
 @idempotent
 def create_order(request: HttpRequest) -> HttpResponse:
     """Create an order from a JSON body, for browser code using the session."""
-    try:
-        data: Any = json.loads(request.body)
-    except ValueError:
-        data = None
+    data: Any = None
+    # Anything but JSON is refused before the body is read: the CSRF
+    # middleware has already parsed a form body, and reading it again raises.
+    if request.content_type == "application/json":
+        # Not JSON, or nested too deep to decode: refused below.
+        with contextlib.suppress(ValueError, RecursionError):
+            data = json.loads(request.body)
     if not isinstance(data, dict):
-        errors = {"__all__": [{"message": "Send a JSON object.", "code": "invalid"}]}
+        errors = {
+            "__all__": [{"message": "Send a JSON object (application/json).", "code": "invalid"}]
+        }
         return JsonResponse({"errors": errors}, status=400)
     form = OrderForm(data)
     if not form.is_valid():

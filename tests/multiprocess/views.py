@@ -52,6 +52,8 @@ PROTECTIONS: dict[str, dict[str, Any]] = {
     # Short leases, for the takeover after a crash.
     "lease-short": {"mode": "lease", "lease": 2},
     "redis-short": {"mode": "lease", "lease": 2, "store": "redis"},
+    # The Redis store failing open (with a Redis Cluster, where it is configured).
+    "redis-open": {"mode": "lease", "lease": 10, "store": "redis_open"},
     # Keys that expire a second after completion, for the purge.
     "brief": {"mode": "atomic", "retention": 1},
     # A Redis that cannot be reached: refused (the default) or run unprotected.
