@@ -16,6 +16,7 @@ class IdempotencyConfig(AppConfig):
 
         register(checks.check_settings, Tags.compatibility)
         register(checks.check_views, Tags.urls)
+        register(checks.check_outbox_and_steps, Tags.compatibility)
         register(check_celery_tasks, Tags.compatibility)
 
         if apps.is_installed("drf_spectacular"):

@@ -16,8 +16,9 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
@@ -55,6 +56,7 @@ __all__ = [
     "Discard",
     "Execute",
     "Executed",
+    "Execution",
     "Guard",
     "Policy",
     "Replay",
@@ -62,6 +64,7 @@ __all__ = [
     "Snapshot",
     "aprotected",
     "async_mode_refusal",
+    "current_execution",
     "protected",
     "run",
     "run_async",
@@ -105,6 +108,44 @@ class Guard:
     def execution(self) -> Execute | None:
         """The claim this call runs under; ``None`` for a replay or when unprotected."""
         return self.claim if isinstance(self.claim, Execute) else None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """The claimed call whose protected code is running in this context.
+
+    Steps and the outbox (:mod:`django_idempotency.workflow`,
+    :mod:`django_idempotency.outbox`) read it through :func:`current_execution`,
+    so they need no argument threaded through the protected code.
+    """
+
+    call: Call
+    claim: Execute
+    store: Store
+    policy: Policy
+    #: What code running inside keeps for the length of the execution (steps reached).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+_execution: ContextVar[Execution | None] = ContextVar("idempotency_execution", default=None)
+
+
+def current_execution() -> Execution | None:
+    """The execution :func:`protected` is running here, if any (sync code only)."""
+    return _execution.get()
+
+
+@contextlib.contextmanager
+def _executing(store: Store, guard: Guard, policy: Policy) -> Iterator[None]:
+    claim = guard.execution
+    if claim is None:
+        yield
+        return
+    token = _execution.set(Execution(guard.call, claim, store, policy))
+    try:
+        yield
+    finally:
+        _execution.reset(token)
 
 
 def run(
@@ -161,12 +202,14 @@ def protected(call: Call, policy: Policy) -> Iterator[Guard]:
         # code's writes and the stored outcome commit together or not at all.
         with store.atomic():
             guard = _guard(store, call, lambda: _claim(store, call, policy))
-            yield guard
+            with _executing(store, guard, policy):
+                yield guard
             _finish_atomic(store, guard, policy)
     else:
         guard = _guard(store, call, lambda: _claim_waiting(store, call, policy))
         try:
-            yield guard
+            with _executing(store, guard, policy):
+                yield guard
         except BaseException:
             _release_quietly(store, guard)
             raise

@@ -118,6 +118,9 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_METHODS = ["POST", "PATCH"]
 IDEMPOTENCY_RETENTION = 24 * 60 * 60
 
+# Where manage.py relay_idempotency_outbox sends outbox messages.
+IDEMPOTENCY_OUTBOX_SENDER = "example_project.shop.outbox.deliver"
+
 # Latency of the fake payment provider, in seconds (see shop/provider.py).
 SHOP_PROVIDER_DELAY = float(os.environ.get("SHOP_PROVIDER_DELAY", "0"))
 
