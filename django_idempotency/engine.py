@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 
-from django_idempotency import signals
+from django_idempotency import sealing, signals
 from django_idempotency.exceptions import (
     FingerprintMismatch,
     IdempotencyError,
@@ -194,7 +194,7 @@ async def run_async(
         )
     policy = replace(policy, mode=LEASE)
     try:
-        claim = await _claim_waiting_async(store, call, policy)
+        claim = _opened(await _claim_waiting_async(store, call, policy))
     except IdempotencyError as error:
         guard = await sync_to_async(_refused)(store, call, error)
     else:
@@ -225,9 +225,16 @@ def _resolve_mode(store: Store, policy: Policy) -> Policy:
 
 def _claim_or_refuse(store: Store, call: Call, claim: Callable[[], Claim]) -> Guard:
     try:
-        return Guard(call, claim())
+        return Guard(call, _opened(claim()))
     except IdempotencyError as error:
         return _refused(store, call, error)
+
+
+def _opened(claim: Claim) -> Claim:
+    """``claim`` with its stored outcome decrypted, if it has one (see :mod:`.sealing`)."""
+    if claim.replay is None:
+        return claim
+    return replace(claim, replay=sealing.unseal(claim.replay, claim.call))
 
 
 def _refused(store: Store, call: Call, error: IdempotencyError) -> Guard:
@@ -256,7 +263,7 @@ def _finish_atomic(store: Store, guard: Guard, policy: Policy) -> None:
     elif conclusion is Discard.UNSTORABLE:
         store.release(guard.claim)
     else:
-        store.complete(guard.claim, conclusion, policy)
+        store.complete(guard.claim, sealing.seal(conclusion, guard.call), policy)
 
 
 def _finish_lease(store: Store, guard: Guard, policy: Policy) -> None:
@@ -267,7 +274,7 @@ def _finish_lease(store: Store, guard: Guard, policy: Policy) -> None:
         _release_quietly(store, guard)
         return
     try:
-        completed = store.complete(claim, conclusion, policy)
+        completed = store.complete(claim, sealing.seal(conclusion, claim.call), policy)
     except StoreUnavailable:
         # The code ran: its result goes back to the caller all the same; a
         # retry after the lease ends runs again.

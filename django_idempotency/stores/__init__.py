@@ -17,6 +17,7 @@ from django_idempotency.conf import app_settings
 
 if TYPE_CHECKING:
     from django_idempotency.engine import Call, Claim, Policy, Snapshot
+    from django_idempotency.sealing import Resealing
 
 
 class Store:
@@ -61,6 +62,14 @@ class Store:
     def release(self, claim: Claim) -> None:
         """Free the key if ``claim`` still owns it."""
         raise NotImplementedError
+
+    def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
+        """Delete every key of ``scope``, whatever its state; return how many (there were)."""
+        raise NotImplementedError(f"The {type(self).__name__} store cannot erase by scope.")
+
+    def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:
+        """Encrypt every stored outcome with the newest key (see :mod:`..sealing`)."""
+        raise NotImplementedError(f"The {type(self).__name__} store cannot re-encrypt.")
 
 
 def get_store(alias: str) -> Store:

@@ -22,10 +22,11 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import F
 from django.utils import timezone
 
-from django_idempotency import signals
+from django_idempotency import sealing, signals
 from django_idempotency.engine import ATOMIC, Call, Claim, Policy, Snapshot
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.sealing import Resealing
 from django_idempotency.stores import Store, postgresql, sql
 
 logger = logging.getLogger("django_idempotency")
@@ -123,6 +124,58 @@ class DatabaseStore(Store):
         params = [claim.call.scope, claim.call.key, claim.token]
         with self._reachable(), sql.cursor(connection) as cursor:
             cursor.execute(sql.statements(connection).release, params)
+
+    def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
+        keys = IdempotencyKey.objects.using(self.db).filter(scope=scope)
+        if dry_run:
+            return keys.count()
+        erased = 0
+        while batch := list(keys.values_list("pk", flat=True)[:batch_size]):
+            erased += keys.filter(pk__in=batch).delete()[0]
+        return erased
+
+    def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:
+        rows = (
+            IdempotencyKey.objects.using(self.db)
+            .filter(state=State.COMPLETED)
+            .order_by("pk")
+            .values_list("pk", "scope", "key", "token", "response_headers", "response_body")
+        )
+        done, last = Resealing(), 0
+        while batch := list(rows.filter(pk__gt=last)[:batch_size]):
+            last = batch[-1][0]
+            # One short transaction per batch: one commit, row locks held briefly.
+            with transaction.atomic(using=self.db):
+                done += Resealing(examined=len(batch))
+                for pk, scope, key, token, headers, body in batch:
+                    done += self._reseal_row(pk, scope, key, token, headers, body, dry_run)
+        return done
+
+    def _reseal_row(
+        self,
+        pk: int,
+        scope: str,
+        key: str,
+        token: str,
+        headers: Any,
+        body: bytes | memoryview,
+        dry_run: bool,
+    ) -> Resealing:
+        try:
+            sealed = sealing.reseal(bytes(body), scope, key, headers)
+        except sealing.Undecryptable:
+            logger.error(
+                "Not re-encrypted: no configured key decrypts scope=%r key %r…", scope, key[:8]
+            )
+            return Resealing(unreadable=1)
+        if sealed is None:
+            return Resealing()
+        if not dry_run:
+            # Only the completion this run read: a key claimed again since keeps its new state.
+            IdempotencyKey.objects.using(self.db).filter(
+                pk=pk, token=token, state=State.COMPLETED
+            ).update(response_body=sealed, response_headers=[])
+        return Resealing(resealed=1)
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
