@@ -18,9 +18,9 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from django_idempotency import engine
+from django_idempotency import engine, redaction
 from django_idempotency.conf import app_settings, load_callable, to_seconds
-from django_idempotency.engine import Call, Executed, Policy, Replayed, Snapshot
+from django_idempotency.engine import Call, Conclusion, Executed, Policy, Replayed, Snapshot
 from django_idempotency.exceptions import IdempotencyError, KeyMalformed, KeyMissing
 from django_idempotency.keys import MAX_KEY_LENGTH, parse_key
 from django_idempotency.responses import conclude, problem_response, replay_response
@@ -46,8 +46,12 @@ class Options:
     lease: Seconds | None = None
     wait: Seconds | None = None
     store: str | None = None
+    #: ``(request, snapshot) -> snapshot``: what of a response is stored (see redaction.py).
+    redact: Callable[[HttpRequest, Snapshot], Snapshot] | str | None = None
 
     def __post_init__(self) -> None:
+        # Resolved now, so that a wrong hook fails where the view is decorated.
+        object.__setattr__(self, "redact", redaction.resolve(self.redact))
         if self.mode is not None and self.mode not in engine.MODES:
             raise ImproperlyConfigured(
                 f"mode must be one of {', '.join(engine.MODES)}, not {self.mode!r}."
@@ -108,10 +112,25 @@ def protect(
         call = options.call(request)
         if call is None:
             return view()
-        outcome = engine.run(call, options.policy(), view, partial(conclude, request))
+        outcome = engine.run(call, options.policy(), view, _concluder(request, options))
     except IdempotencyError as error:
         return problem_response(error)
     return _response(outcome)
+
+
+def _concluder(request: HttpRequest, options: Options) -> Callable[[HttpResponseBase], Conclusion]:
+    """What of a response is kept: :func:`conclude`, then the view's ``redact`` hook."""
+    hook = options.redact
+    if hook is None:
+        return partial(conclude, request)
+
+    def conclude_redacted(response: HttpResponseBase) -> Conclusion:
+        conclusion = conclude(request, response)
+        if isinstance(conclusion, Snapshot):
+            return redaction.apply(hook, request, conclusion)  # type: ignore[arg-type]
+        return conclusion
+
+    return conclude_redacted
 
 
 def _response(outcome: Executed[HttpResponseBase] | Replayed) -> HttpResponseBase:
@@ -136,6 +155,7 @@ def idempotent(
     lease: Seconds | None = None,
     wait: Seconds | None = None,
     store: str | None = None,
+    redact: Callable[[HttpRequest, Snapshot], Snapshot] | str | None = None,
 ) -> Callable[[ViewFunc], ViewFunc]: ...
 
 
@@ -248,7 +268,7 @@ async def protect_async(
         # A global IDEMPOTENCY_MODE = "atomic" cannot apply here; the view's
         # own mode="atomic" was refused when it was decorated.
         policy = replace(options.policy(), mode=engine.LEASE)
-        outcome = await engine.run_async(call, policy, view, partial(conclude, request))
+        outcome = await engine.run_async(call, policy, view, _concluder(request, options))
     except IdempotencyError as error:
         return problem_response(error)
     return _response(outcome)
@@ -284,13 +304,15 @@ def idempotent_block(
     wait: Seconds | None = None,
     retention: Seconds | None = None,
     store: str | None = None,
+    redact: Callable[[Any], Any] | None = None,
 ) -> contextlib.AbstractContextManager[Block]:
     """Run a block at most once per (scope, key); for code that is not a function.
 
     ``payload`` is the JSON-serialisable data the key stands for: reusing the
     key with a different payload raises ``FingerprintMismatch``. A duplicate
     while the first block runs raises ``RequestInProgress`` (after waiting up to
-    ``wait`` seconds); an exception in the block frees the key. In ``atomic``
+    ``wait`` seconds); an exception in the block frees the key. ``redact``,
+    called with the result, returns what is stored instead. In ``atomic``
     mode the block runs in the store's transaction, so its own database writes
     and the stored result commit together::
 
@@ -303,7 +325,7 @@ def idempotent_block(
     call = Call(
         scope=_fit(scope), key=_function_key(key), fingerprint=_payload_fingerprint(payload)
     )
-    return _protected_block(call, options)
+    return _protected_block(call, options, redaction.resolve(redact))
 
 
 def idempotent_function(
@@ -316,6 +338,7 @@ def idempotent_function(
     wait: Seconds | None = None,
     retention: Seconds | None = None,
     store: str | None = None,
+    redact: Callable[[Any], Any] | None = None,
 ) -> Callable[[Function], Function]:
     """Make a function (task, queue consumer, webhook handler) run once per key.
 
@@ -326,9 +349,12 @@ def idempotent_function(
     that must match for a repeat to be the same call; by default all the
     arguments. The result must be JSON-serialisable: it is stored, and a
     repeat returns it (decoded from JSON, as the first call does) without
-    running the function. Otherwise as :func:`idempotent_block`.
+    running the function. ``redact``, called with the result, returns what is
+    stored instead (the first call still returns the whole result). Otherwise
+    as :func:`idempotent_block`.
     """
     options = Options(mode=mode, lease=lease, wait=wait, retention=retention, store=store)
+    redact_result = redaction.resolve(redact)
     if not callable(key):
         raise ImproperlyConfigured(
             "idempotent_function(key=...) must be a callable receiving the function's "
@@ -363,7 +389,7 @@ def idempotent_function(
 
         @wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with _protected_block(call_of(args, kwargs), options) as block:
+            with _protected_block(call_of(args, kwargs), options, redact_result) as block:
                 if not block.replayed:
                     block.result = func(*args, **kwargs)
             return block.result
@@ -374,7 +400,9 @@ def idempotent_function(
 
 
 @contextlib.contextmanager
-def _protected_block(call: Call, options: Options) -> Iterator[Block]:
+def _protected_block(
+    call: Call, options: Options, redact: Callable[[Any], Any] | None = None
+) -> Iterator[Block]:
     with engine.protected(call, options.policy()) as guard:
         if guard.replay is not None:
             yield Block(replayed=True, result=json.loads(guard.replay.body))
@@ -383,7 +411,8 @@ def _protected_block(call: Call, options: Options) -> Iterator[Block]:
         yield block
         # Raising here (a result that is not JSON) frees the key like any error.
         body = _result_body(block.result)
-        guard.conclusion = Snapshot(status=200, headers=_RESULT_HEADERS, body=body)
+        stored = body if redact is None else _result_body(redact(json.loads(body)))
+        guard.conclusion = Snapshot(status=200, headers=_RESULT_HEADERS, body=stored)
         block.result = json.loads(body)
 
 

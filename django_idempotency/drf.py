@@ -16,6 +16,7 @@ from django.http.response import HttpResponseBase
 
 from django_idempotency.conf import app_settings, load_callable
 from django_idempotency.decorators import Options, RequestFunction, Seconds, protect
+from django_idempotency.engine import Snapshot
 
 try:
     from rest_framework.request import Request
@@ -45,6 +46,8 @@ class IdempotencyMixin:
     idempotency_lease: Seconds | None = None
     idempotency_wait: Seconds | None = None
     idempotency_store: str | None = None
+    #: ``(request, snapshot) -> snapshot``: what of a response is stored.
+    idempotency_redact: Callable[[HttpRequest, Snapshot], Snapshot] | str | None = None
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
@@ -72,6 +75,7 @@ class IdempotencyMixin:
             lease=self.get_idempotency_lease(request),
             wait=self.get_idempotency_wait(request),
             store=self.get_idempotency_store(request),
+            redact=self.get_idempotency_redact(request),
         )
 
     def get_idempotency_methods(self, request: Request) -> Collection[str] | None:
@@ -102,6 +106,13 @@ class IdempotencyMixin:
 
     def get_idempotency_store(self, request: Request) -> str | None:
         return self.idempotency_store
+
+    def get_idempotency_redact(
+        self, request: Request
+    ) -> Callable[[HttpRequest, Snapshot], Snapshot] | str | None:
+        # Read statically: a function assigned in the class body is not a method.
+        value = inspect.getattr_static(type(self), "idempotency_redact", None)
+        return value.__func__ if isinstance(value, staticmethod) else value
 
 
 def _protected(

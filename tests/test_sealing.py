@@ -31,6 +31,7 @@ from django_idempotency.exceptions import SnapshotUnreadable
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.stores import get_store
 from django_idempotency.stores.cache import CacheStore
+from tests.factories import UserFactory
 from tests.lease_stores import (
     DATABASE,
     REDIS,
@@ -38,7 +39,6 @@ from tests.lease_stores import (
     Worker,
     redis_records_fixture,  # noqa: F401
 )
-from tests.factories import UserFactory
 from tests.testapp.models import Order
 
 pytestmark = pytest.mark.urls("tests.urls")
