@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
@@ -25,6 +25,7 @@ from django_idempotency.exceptions import (
     FingerprintMismatch,
     IdempotencyError,
     RequestInProgress,
+    SnapshotUnreadable,
     StoreUnavailable,
 )
 from django_idempotency.stores import Store, get_store
@@ -82,6 +83,36 @@ class Claim:
     call: Call
     token: str
     replay: Snapshot | None = None
+    #: Whether this claim took the key over from one whose lease had ended.
+    taken_over: bool = False
+
+
+#: What became of a protected call, as :data:`signals.finished` reports it.
+EXECUTED = "executed"
+REPLAYED = "replayed"
+CONFLICT = "conflict"
+MISMATCH = "mismatch"
+#: Not run: the store was unavailable (fail closed) or the stored outcome unreadable.
+REFUSED = "refused"
+#: Run after taking over a claim whose lease had ended; its outcome is stored.
+TAKEOVER = "takeover"
+#: Run, but another claim took the key over before the outcome was stored.
+LEASE_LOST = "lease_lost"
+#: Run (or started) and nothing kept: it failed, or its outcome cannot be stored.
+RELEASED = "released"
+#: Run without protection: the store was unavailable and fails open.
+UNPROTECTED = "unprotected"
+OUTCOMES = (
+    EXECUTED,
+    REPLAYED,
+    CONFLICT,
+    MISMATCH,
+    REFUSED,
+    TAKEOVER,
+    LEASE_LOST,
+    RELEASED,
+    UNPROTECTED,
+)
 
 
 class Discard(enum.Enum):
@@ -156,22 +187,31 @@ def protected(call: Call, policy: Policy) -> Iterator[Guard]:
     """
     store = get_store(policy.store)
     policy = _resolve_mode(store, policy)
-    if policy.mode == ATOMIC:
-        # Claim, execution and completion share one transaction: the protected
-        # code's writes and the stored outcome commit together or not at all.
-        with store.atomic():
-            guard = _claim_or_refuse(store, call, lambda: store.claim(call, policy))
-            yield guard
-            _finish_atomic(store, guard, policy)
-    else:
-        guard = _claim_or_refuse(store, call, lambda: _claim_waiting(store, call, policy))
-        try:
-            yield guard
-        except BaseException:
-            _release_quietly(store, guard)
-            raise
-        _finish_lease(store, guard, policy)
-    _report_outcome(store, guard)
+    watch = _Watch(call, store, policy)
+    try:
+        if policy.mode == ATOMIC:
+            # Claim, execution and completion share one transaction: the protected
+            # code's writes and the stored outcome commit together or not at all.
+            with store.atomic():
+                guard = _claim_or_refuse(
+                    store, call, lambda: _timed(store, "claim", store.claim, call, policy)
+                )
+                watch.claimed()
+                yield guard
+                outcome = _finish_atomic(store, guard, policy)
+        else:
+            guard = _claim_or_refuse(store, call, lambda: _claim_waiting(store, call, policy))
+            watch.claimed()
+            try:
+                yield guard
+            except BaseException:
+                _release_quietly(store, guard)
+                raise
+            outcome = _finish_lease(store, guard, policy)
+    except BaseException as error:
+        watch.report(_failure(error))
+        raise
+    _report(store, guard, watch, outcome)
 
 
 async def run_async(
@@ -193,24 +233,41 @@ async def run_async(
             'Use mode="lease" (and IDEMPOTENCY_MODE = None or "lease").'
         )
     policy = replace(policy, mode=LEASE)
+    watch = _Watch(call, store, policy)
+    try:
+        guard, done, outcome = await _protect_async(store, call, policy, execute, conclude, watch)
+    except BaseException as error:
+        await sync_to_async(watch.report)(_failure(error))
+        raise
+    await sync_to_async(_report)(store, guard, watch, outcome)
+    return done
+
+
+async def _protect_async(
+    store: Store,
+    call: Call,
+    policy: Policy,
+    execute: Callable[[], Awaitable[T]],
+    conclude: Callable[[T], Conclusion],
+    watch: _Watch,
+) -> tuple[Guard, Executed[T] | Replayed, str]:
     try:
         claim = _opened(await _claim_waiting_async(store, call, policy))
     except IdempotencyError as error:
         guard = await sync_to_async(_refused)(store, call, error)
     else:
         guard = Guard(call, claim)
+    watch.claimed()
     if guard.replay is not None:
-        await sync_to_async(_report_outcome)(store, guard)
-        return Replayed(guard.replay)
+        return guard, Replayed(guard.replay), REPLAYED
     try:
         result = await execute()
         guard.conclusion = await sync_to_async(conclude)(result)
     except BaseException:
         await sync_to_async(_release_quietly)(store, guard)
         raise
-    await sync_to_async(_finish_lease)(store, guard, policy)
-    await sync_to_async(_report_outcome)(store, guard)
-    return Executed(result)
+    outcome = await sync_to_async(_finish_lease)(store, guard, policy)
+    return guard, Executed(result), outcome
 
 
 def _resolve_mode(store: Store, policy: Policy) -> Policy:
@@ -254,36 +311,44 @@ def _refused(store: Store, call: Call, error: IdempotencyError) -> Guard:
     raise error
 
 
-def _finish_atomic(store: Store, guard: Guard, policy: Policy) -> None:
+def _finish_atomic(store: Store, guard: Guard, policy: Policy) -> str:
+    """Store the outcome or undo; say what became of the call (an ``OUTCOMES`` value)."""
     if guard.claim is None or guard.replay is not None:
-        return
+        return _settled(guard)
     conclusion = guard.conclusion
     if conclusion is Discard.FAILURE or store.rollback_pending():
         store.set_rollback()
-    elif conclusion is Discard.UNSTORABLE:
-        store.release(guard.claim)
-    else:
-        store.complete(guard.claim, sealing.seal(conclusion, guard.call), policy)
+        return RELEASED
+    if conclusion is Discard.UNSTORABLE:
+        _timed(store, "release", store.release, guard.claim)
+        return RELEASED
+    sealed = sealing.seal(conclusion, guard.call)
+    _timed(store, "complete", store.complete, guard.claim, sealed, policy)
+    return _settled(guard)
 
 
-def _finish_lease(store: Store, guard: Guard, policy: Policy) -> None:
+def _finish_lease(store: Store, guard: Guard, policy: Policy) -> str:
+    """Store the outcome or free the key; say what became of the call."""
     claim, conclusion = guard.claim, guard.conclusion
     if claim is None or claim.replay is not None:
-        return
+        return _settled(guard)
     if not isinstance(conclusion, Snapshot):
         _release_quietly(store, guard)
-        return
+        return RELEASED
+    sealed = sealing.seal(conclusion, claim.call)
     try:
-        completed = store.complete(claim, sealing.seal(conclusion, claim.call), policy)
+        completed = _timed(store, "complete", store.complete, claim, sealed, policy)
     except StoreUnavailable:
         # The code ran: its result goes back to the caller all the same; a
         # retry after the lease ends runs again.
         logger.error(
             "Store %r unavailable: the outcome of %s was not stored", store.alias, guard.call
         )
-        return
+        return RELEASED
     if not completed:
         logger.error("Lease lost: %s was taken over before it completed; not stored", guard.call)
+        return LEASE_LOST
+    return _settled(guard)
 
 
 def _release_quietly(store: Store, guard: Guard) -> None:
@@ -291,7 +356,7 @@ def _release_quietly(store: Store, guard: Guard) -> None:
     if guard.claim is None or guard.claim.replay is not None:
         return
     try:
-        store.release(guard.claim)
+        _timed(store, "release", store.release, guard.claim)
     except StoreUnavailable:
         logger.error(
             "Store %r unavailable: %s stays claimed until its lease ends", store.alias, guard.call
@@ -308,12 +373,17 @@ def _report_outcome(store: Store, guard: Guard) -> None:
         signals.executed.send(sender=type(store), call=guard.call)
 
 
+def _report(store: Store, guard: Guard, watch: _Watch, outcome: str) -> None:
+    _report_outcome(store, guard)
+    watch.report(outcome)
+
+
 def _claim_waiting(store: Store, call: Call, policy: Policy) -> Claim:
     """Claim in lease mode, polling with backoff up to ``policy.wait`` seconds."""
     pauses = _pauses(time.monotonic() + policy.wait)
     while True:
         try:
-            return store.claim(call, policy)
+            return _timed(store, "claim", store.claim, call, policy)
         except RequestInProgress:
             pause = next(pauses, None)
             if pause is None:
@@ -325,7 +395,7 @@ async def _claim_waiting_async(store: Store, call: Call, policy: Policy) -> Clai
     pauses = _pauses(time.monotonic() + policy.wait)
     while True:
         try:
-            return await sync_to_async(store.claim)(call, policy)
+            return await sync_to_async(_timed)(store, "claim", store.claim, call, policy)
         except RequestInProgress:
             pause = next(pauses, None)
             if pause is None:
@@ -339,3 +409,63 @@ def _pauses(deadline: float) -> Iterator[float]:
     while (remaining := deadline - time.monotonic()) > 0:
         yield min(pause, remaining)
         pause = min(pause * 2, 1.0)
+
+
+class _Watch:
+    """Times one protected call and reports what became of it (:data:`signals.finished`)."""
+
+    def __init__(self, call: Call, store: Store, policy: Policy) -> None:
+        self.call, self.store, self.mode = call, store, policy.mode or ""
+        self.started = time.time_ns()
+        self._start = time.perf_counter()
+        self.claim_wait: float | None = None
+
+    def claimed(self) -> None:
+        self.claim_wait = time.perf_counter() - self._start
+
+    def report(self, outcome: str) -> None:
+        duration = time.perf_counter() - self._start
+        signals.finished.send(
+            sender=type(self.store),
+            call=self.call,
+            store=self.store.alias,
+            mode=self.mode,
+            outcome=outcome,
+            started=self.started,
+            duration=duration,
+            claim_wait=duration if self.claim_wait is None else self.claim_wait,
+        )
+
+
+def _settled(guard: Guard) -> str:
+    """The outcome of a call whose claim ended normally."""
+    if guard.claim is None:
+        return UNPROTECTED
+    if guard.replay is not None:
+        return REPLAYED
+    return TAKEOVER if guard.claim.taken_over else EXECUTED
+
+
+def _failure(error: BaseException) -> str:
+    """The outcome of a call that ended with ``error``."""
+    if isinstance(error, RequestInProgress):
+        return CONFLICT
+    if isinstance(error, FingerprintMismatch):
+        return MISMATCH
+    if isinstance(error, StoreUnavailable | SnapshotUnreadable):
+        return REFUSED
+    return RELEASED
+
+
+def _timed(store: Store, operation: str, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, a store operation, timed for :data:`signals.store_called`."""
+    start = time.perf_counter()
+    try:
+        return function(*args)
+    finally:
+        signals.store_called.send(
+            sender=type(store),
+            store=store.alias,
+            operation=operation,
+            duration=time.perf_counter() - start,
+        )

@@ -271,7 +271,7 @@ class CacheStore(Store):
         if verdict == "taken_over":
             logger.warning("Takeover: %s had an expired lease (attempt %s)", call, int(decision[1]))
             signals.takeover.send(sender=type(self), call=call)
-            return Claim(call, token)
+            return Claim(call, token, taken_over=True)
         if verdict == "mismatch":
             raise FingerprintMismatch(
                 "This idempotency key was already used for a different request."

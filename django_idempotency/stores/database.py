@@ -7,6 +7,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -317,6 +318,7 @@ class DatabaseStore(Store):
         if claim is not None:
             logger.warning("Takeover: %s had an expired lease", call)
             signals.takeover.send(sender=type(self), call=call)
+            return replace(claim, taken_over=True)
         return claim
 
     def _take_over(
