@@ -18,12 +18,17 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.exceptions import SnapshotUnreadable
 
-if TYPE_CHECKING:
-    from cryptography.fernet import MultiFernet
+try:
+    from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+except ImportError:  # the crypto extra is missing: check E041 reports it if keys are set
+    Fernet = MultiFernet = None  # type: ignore[assignment,misc]
+    InvalidToken = ValueError  # type: ignore[assignment,misc]
 
+if TYPE_CHECKING:
     from django_idempotency.engine import Call, Snapshot
 
 logger = logging.getLogger("django_idempotency")
@@ -92,8 +97,8 @@ def unseal(snapshot: Snapshot, call: Call) -> Snapshot:
         return snapshot
     if not keys:
         _refuse(call, "it is encrypted and IDEMPOTENCY_ENCRYPTION_KEYS is empty")
-    from cryptography.fernet import InvalidToken
-
+    if MultiFernet is None:
+        _refuse(call, "the cryptography package is missing")
     try:
         plaintext = _fernet(keys).decrypt(snapshot.body[len(SEALED_PREFIX) :])
     except InvalidToken:
@@ -114,8 +119,6 @@ def reseal(body: bytes, scope: str, key: str, headers: Iterable[Any] = ()) -> by
     re-encrypted with the newest key. Raises :class:`Undecryptable` when no
     configured key decrypts it.
     """
-    from cryptography.fernet import InvalidToken
-
     from django_idempotency.engine import Call, Snapshot
 
     keys = encryption_keys()
@@ -149,6 +152,9 @@ def _refuse(call: Call, reason: str) -> Any:
 def _fernet(keys: tuple[str | bytes, ...]) -> MultiFernet:
     # Keyed by the keys themselves: a changed setting (a rotation, or
     # override_settings in tests) builds a new one, with no signal to miss.
-    from cryptography.fernet import Fernet, MultiFernet
-
+    if MultiFernet is None:
+        raise ImproperlyConfigured(
+            "IDEMPOTENCY_ENCRYPTION_KEYS needs the cryptography package: "
+            "install django-idempotency[crypto]."
+        )
     return MultiFernet([Fernet(key) for key in keys])

@@ -18,6 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 from django.contrib import auth
 from django.contrib.auth.models import Permission
+from django.core.checks import run_checks
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client
@@ -251,6 +252,17 @@ def test_the_command_refuses_bad_input(
 def test_bad_keys_are_reported_at_startup(settings: Any, keys: Any, check_id: str) -> None:
     settings.IDEMPOTENCY_ENCRYPTION_KEYS = keys
     assert [m.id for m in check_encryption_keys()] == [check_id]
+
+
+@pytest.mark.django_db
+def test_the_encryption_checks_are_registered(settings: Any) -> None:
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [OLD]
+    post("registered")
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = ["not-a-key"]
+    assert "django_idempotency.E040" in {m.id for m in run_checks()}
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [NEW]
+    assert "django_idempotency.E042" in {m.id for m in run_checks(databases=["default"])}
+    assert "django_idempotency.E042" not in {m.id for m in run_checks()}
 
 
 def test_good_keys_pass(settings: Any) -> None:
