@@ -108,7 +108,8 @@ def measure(args: argparse.Namespace) -> str:
 
     lines = [
         f"Encryption of a {BODY_SIZE}-byte body, {args.mode} mode, "
-        f"{connection_vendor()}; {args.rounds} rounds x {args.requests} requests per case.",
+        f"{connection_vendor()}; {args.rounds} rounds x {args.requests} requests per case; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end.",
         "",
         "| request | off (median, ms) | on (median, ms) | on - off, paired (median, ms) |",
         "|---|---:|---:|---:|",

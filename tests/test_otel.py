@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from cryptography.fernet import Fernet
 from django.test import Client
 from opentelemetry.sdk.metrics import MeterProvider
@@ -206,7 +206,8 @@ def test_async_calls_are_recorded(lease_store: str, telemetry: Telemetry) -> Non
         for _ in range(2):
             await run_async(CALL, policy(lease_store), body, lambda r: Snapshot(201, body=r))
 
-    asyncio.run(twice())
+    # async_to_sync: sync_to_async then runs on this thread, with its connection.
+    async_to_sync(twice)()
     assert telemetry.outcomes() == ["executed", "replayed"]
 
 
