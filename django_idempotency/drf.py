@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection
 from functools import partial
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
@@ -48,6 +49,19 @@ class IdempotencyMixin:
     idempotency_store: str | None = None
     #: ``(request, snapshot) -> snapshot``: what of a response is stored.
     idempotency_redact: Callable[[HttpRequest, Snapshot], Snapshot] | str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A wrong hook fails where the class is defined, like @idempotent(redact=...);
+        # a dotted path is imported at the first request (importing now could cycle).
+        redact = inspect.getattr_static(cls, "idempotency_redact", None)
+        if isinstance(redact, staticmethod):
+            redact = redact.__func__
+        if redact is not None and not isinstance(redact, str) and not callable(redact):
+            raise ImproperlyConfigured(
+                f"{cls.__name__}.idempotency_redact must be a callable (or its dotted path), "
+                f"not {redact!r}."
+            )
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]

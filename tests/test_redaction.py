@@ -147,6 +147,13 @@ def test_a_hook_that_is_not_a_callable_fails_at_decoration(redact: Any) -> None:
         idempotent_function(key=lambda message: message["id"], redact=redact)
 
 
+def test_a_drf_view_with_a_hook_that_is_not_a_callable_fails_when_defined() -> None:
+    with pytest.raises(ImproperlyConfigured, match="idempotency_redact"):
+
+        class Broken(IdempotencyMixin, APIView):
+            idempotency_redact = 42
+
+
 def test_a_hook_can_be_a_dotted_path() -> None:
     decorated = idempotent(redact="django_idempotency.redaction.status_only")
     assert callable(decorated)
