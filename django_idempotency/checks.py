@@ -339,7 +339,7 @@ _SAMPLED_ROWS = 20
 
 @register(Tags.security)
 def check_encryption_keys(**kwargs: Any) -> list[CheckMessage]:
-    keys = getattr(settings, "IDEMPOTENCY_ENCRYPTION_KEYS", None)
+    keys = app_settings.ENCRYPTION_KEYS
     if not keys:
         return []
     if isinstance(keys, str | bytes) or not isinstance(keys, list | tuple):

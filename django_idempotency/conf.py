@@ -123,6 +123,11 @@ class Settings:
         return frozenset(int(s) for s in value)
 
     @property
+    def ENCRYPTION_KEYS(self) -> Any:
+        """Fernet keys, newest first, that stored outcomes are encrypted with; empty: none."""
+        return getattr(settings, "IDEMPOTENCY_ENCRYPTION_KEYS", None) or ()
+
+    @property
     def MAX_BODY_SIZE(self) -> int:
         """Largest response body, in bytes, that is stored for replay."""
         return int(getattr(settings, "IDEMPOTENCY_MAX_BODY_SIZE", 1024 * 1024))

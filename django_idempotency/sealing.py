@@ -1,7 +1,7 @@
 """Encryption of stored outcomes at rest (``IDEMPOTENCY_ENCRYPTION_KEYS``).
 
-A sealed snapshot keeps its status in clear (the admin lists it, purging does
-not need it) and carries its headers and body inside one Fernet token, behind
+A sealed snapshot keeps its status in clear (the admin lists it) and carries
+its headers and body inside one Fernet token, behind
 :data:`SEALED_PREFIX`. The token's plaintext also names the scope and key it
 belongs to, so a token copied into another row is refused instead of replayed
 to someone else. Keys are tried newest first (``MultiFernet``): older keys
@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from django_idempotency.conf import app_settings
 from django_idempotency.exceptions import SnapshotUnreadable
 
 try:
@@ -58,7 +58,7 @@ class Resealing:
 
 def encryption_keys() -> tuple[str | bytes, ...]:
     """``IDEMPOTENCY_ENCRYPTION_KEYS``, newest first; empty: snapshots stored in clear."""
-    value = getattr(settings, "IDEMPOTENCY_ENCRYPTION_KEYS", None) or ()
+    value = app_settings.ENCRYPTION_KEYS
     if isinstance(value, str | bytes):
         # A lone key is a common slip; the check reports it, this keeps it usable.
         return (value,)
