@@ -250,7 +250,8 @@ class CacheStore(Store):
         if not dry_run:
             record.update(headers=[], body=base64.b64encode(sealed).decode("ascii"))
             # Swapped only if unchanged since read: a key claimed again meanwhile keeps its state.
-            swap(keys=[name], args=[raw, _dumps(record)], client=client)
+            if not swap(keys=[name], args=[raw, _dumps(record)], client=client):
+                return Resealing()
         return Resealing(resealed=1)
 
     def _name(self, suffix: str) -> str:

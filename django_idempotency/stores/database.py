@@ -173,9 +173,13 @@ class DatabaseStore(Store):
             return Resealing()
         if not dry_run:
             # Only the completion this run read: a key claimed again since keeps its new state.
-            IdempotencyKey.objects.using(self.db).filter(
-                pk=pk, token=token, state=State.COMPLETED
-            ).update(response_body=sealed, response_headers=[])
+            updated = (
+                IdempotencyKey.objects.using(self.db)
+                .filter(pk=pk, token=token, state=State.COMPLETED)
+                .update(response_body=sealed, response_headers=[])
+            )
+            if not updated:
+                return Resealing()
         return Resealing(resealed=1)
 
     @contextlib.contextmanager
