@@ -28,9 +28,9 @@ from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
 from django_idempotency import purge, sealing
-from django_idempotency.engine import Call, Snapshot
 from django_idempotency.exceptions import SnapshotUnreadable
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.protocol import Call, Snapshot
 
 State = IdempotencyKey.State
 

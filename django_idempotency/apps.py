@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django.apps import AppConfig, apps
+from django.core.checks import Tags, register
 from django.utils.translation import gettext_lazy as _
 
 
@@ -10,7 +11,12 @@ class IdempotencyConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django_idempotency import checks  # noqa: F401  (registers the checks)
+        from django_idempotency import checks
+
+        register(checks.check_settings, Tags.compatibility)
+        register(checks.check_views, Tags.urls)
+        register(checks.check_encryption_keys, Tags.security)
+        register(checks.check_stored_snapshots, Tags.database)
 
         if apps.is_installed("drf_spectacular"):
             # Registers the extension that documents protected DRF views.

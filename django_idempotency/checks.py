@@ -1,23 +1,29 @@
-"""System checks for the ``IDEMPOTENCY_*`` settings and the protected views."""
+"""System checks for the ``IDEMPOTENCY_*`` settings and the protected views.
+
+Registered by :meth:`~django_idempotency.apps.IdempotencyConfig.ready`. They
+validate the raw values of :data:`~django_idempotency.conf.app_settings`
+(whatever their type: a check reports, it never crashes) and build stores
+with :func:`~django_idempotency.stores.get_store`, as requests do.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
-from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.core.checks import CheckMessage, Error, Warning
 from django.db import connections, router
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils.module_loading import import_string
 
 from django_idempotency.conf import app_settings
 from django_idempotency.decorators import handler_options
-from django_idempotency.engine import ATOMIC, MODES
+from django_idempotency.protocol import ATOMIC, MODES
+from django_idempotency.stores import get_store
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 field name
 _KNOWN_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -46,10 +52,17 @@ def _is_callable_path(value: Any) -> bool:
         return False
 
 
-@register(Tags.compatibility)
+def _strings(value: Any) -> list[str] | None:
+    """``value`` as a list if it is a collection of strings (not one string)."""
+    if not isinstance(value, list | tuple | set | frozenset):
+        return None
+    items = list(value)
+    return items if all(isinstance(item, str) for item in items) else None
+
+
 def check_settings(**kwargs: Any) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
-    header = getattr(settings, "IDEMPOTENCY_HEADER", "Idempotency-Key")
+    header = app_settings.HEADER
     if not isinstance(header, str) or not _TOKEN.match(header):
         errors.append(
             _error(
@@ -58,12 +71,8 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 'Use a name such as "Idempotency-Key".',
             )
         )
-    methods = getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH"))
-    if (
-        isinstance(methods, str)
-        or not all(isinstance(m, str) for m in methods)
-        or not {m.upper() for m in methods} <= _KNOWN_METHODS
-    ):
+    methods = _strings(app_settings.METHODS)
+    if methods is None or not {m.upper() for m in methods} <= _KNOWN_METHODS:
         errors.append(
             _error(
                 2,
@@ -72,7 +81,7 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 "safe methods are never protected.",
             )
         )
-    if not isinstance(getattr(settings, "IDEMPOTENCY_REQUIRED", True), bool):
+    if not isinstance(app_settings.REQUIRED, bool):
         errors.append(
             _error(
                 3,
@@ -133,7 +142,7 @@ def _check_stores(mode: str | None) -> list[CheckMessage]:
             )
         ]
     errors: list[CheckMessage] = []
-    if app_settings.STORE not in stores:
+    if not isinstance(app_settings.STORE, str) or app_settings.STORE not in stores:
         errors.append(
             _error(
                 11,
@@ -141,10 +150,10 @@ def _check_stores(mode: str | None) -> list[CheckMessage]:
                 "Name one of the configured aliases.",
             )
         )
-    for alias, config in stores.items():
+    for alias in stores:
         try:
-            backend: Callable[..., Any] = import_string(config["BACKEND"])
-            store = backend(alias, **config.get("OPTIONS", {}))
+            # Built as requests build it; kept for them if it works.
+            store = get_store(alias)
         except Exception as exc:  # a check reports; it never crashes
             errors.append(
                 _error(
@@ -192,8 +201,8 @@ def _check_sqlite() -> list[CheckMessage]:
 
 def _check_responses() -> list[CheckMessage]:
     errors: list[CheckMessage] = []
-    headers = getattr(settings, "IDEMPOTENCY_REPLAYED_HEADERS", ("Content-Type", "Location"))
-    if isinstance(headers, str) or not all(isinstance(h, str) and _TOKEN.match(h) for h in headers):
+    headers = _strings(app_settings.REPLAYED_HEADERS)
+    if headers is None or not all(_TOKEN.match(h) for h in headers):
         errors.append(
             _error(
                 15,
@@ -209,8 +218,8 @@ def _check_responses() -> list[CheckMessage]:
                 "A replay would hand one client's cookies to another; remove it.",
             )
         )
-    statuses = getattr(settings, "IDEMPOTENCY_RELEASE_STATUSES", (401, 403, 408, 429))
-    if isinstance(statuses, str) or not all(
+    statuses = app_settings.RELEASE_STATUSES
+    if not isinstance(statuses, list | tuple | set | frozenset) or not all(
         isinstance(s, int) and not isinstance(s, bool) and 400 <= s <= 499 for s in statuses
     ):
         errors.append(
@@ -221,7 +230,7 @@ def _check_responses() -> list[CheckMessage]:
             )
         )
     for id_, name in ((18, "MAX_BODY_SIZE"), (19, "RETRY_AFTER")):
-        value = getattr(settings, f"IDEMPOTENCY_{name}", 1)
+        value = getattr(app_settings, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             errors.append(
                 _error(
@@ -236,7 +245,6 @@ def _check_responses() -> list[CheckMessage]:
 # The views ---------------------------------------------------------------------------------
 
 
-@register(Tags.urls)
 def check_views(**kwargs: Any) -> list[CheckMessage]:
     """Each protected view names a configured store that supports the view's mode.
 
@@ -270,7 +278,7 @@ def check_views(**kwargs: Any) -> list[CheckMessage]:
         if effective != ATOMIC or (mode is None and alias is None):
             continue  # lease or automatic; the global mode on the default store is E013's
         store = alias or app_settings.STORE
-        if store in stores and not _supports_atomic(stores[store]):
+        if store in stores and not _supports_atomic(store):
             errors.append(
                 _error(
                     21,
@@ -323,12 +331,12 @@ def _idempotency_mixin() -> type | None:
     return IdempotencyMixin
 
 
-def _supports_atomic(config: Any) -> bool:
+def _supports_atomic(alias: str) -> bool:
     try:
-        backend = import_string(config["BACKEND"])
+        store = get_store(alias)
     except Exception:  # E012 reports it
         return True
-    return bool(getattr(backend, "supports_atomic", False))
+    return store.supports_atomic
 
 
 # Encryption of stored outcomes ------------------------------------------------------------
@@ -337,7 +345,6 @@ def _supports_atomic(config: Any) -> bool:
 _SAMPLED_ROWS = 20
 
 
-@register(Tags.security)
 def check_encryption_keys(**kwargs: Any) -> list[CheckMessage]:
     keys = app_settings.ENCRYPTION_KEYS
     if not keys:
@@ -384,7 +391,6 @@ def check_encryption_keys(**kwargs: Any) -> list[CheckMessage]:
     return errors
 
 
-@register(Tags.database)
 def check_stored_snapshots(
     databases: Iterable[str] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
@@ -415,8 +421,8 @@ def _check_sample(
     database: str, sample: list[tuple[str, str, int | None, bytes | memoryview]]
 ) -> list[CheckMessage]:
     from django_idempotency import sealing
-    from django_idempotency.engine import Call, Snapshot
     from django_idempotency.exceptions import SnapshotUnreadable
+    from django_idempotency.protocol import Call, Snapshot
 
     unreadable = clear = 0
     for scope, key, status, stored in sample:

@@ -7,7 +7,7 @@ setting never raises on a bad value that a check would report.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import Any
 
@@ -34,23 +34,30 @@ def to_seconds(value: float | timedelta) -> float:
 
 
 class Settings:
-    """One property per setting, each read from ``django.conf.settings`` on access."""
+    """One property per setting, each read from ``django.conf.settings`` on access.
+
+    Each returns the raw value (or its default, which lives only here): the
+    system checks validate it, and code converts it where it is used, so a
+    bad value reaches the check that reports it instead of crashing it.
+    """
 
     @property
     def HEADER(self) -> str:
         """Name of the request header carrying the key."""
-        return str(getattr(settings, "IDEMPOTENCY_HEADER", "Idempotency-Key"))
+        value: str = getattr(settings, "IDEMPOTENCY_HEADER", "Idempotency-Key")
+        return value
 
     @property
-    def METHODS(self) -> tuple[str, ...]:
-        """HTTP methods that are protected; others pass through untouched."""
-        methods = getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH"))
-        return tuple(m.upper() for m in methods)
+    def METHODS(self) -> Collection[str]:
+        """HTTP methods that are protected (any case); others pass through untouched."""
+        value: Collection[str] = getattr(settings, "IDEMPOTENCY_METHODS", ("POST", "PATCH"))
+        return value
 
     @property
     def REQUIRED(self) -> bool:
         """Whether a protected request without a key is refused with 400."""
-        return bool(getattr(settings, "IDEMPOTENCY_REQUIRED", True))
+        value: bool = getattr(settings, "IDEMPOTENCY_REQUIRED", True)
+        return value
 
     @property
     def SCOPE(self) -> str | Callable[..., str]:
@@ -97,12 +104,14 @@ class Settings:
     @property
     def RETRY_AFTER(self) -> int:
         """``Retry-After`` seconds sent with a 409 when the remaining time is unknown."""
-        return int(getattr(settings, "IDEMPOTENCY_RETRY_AFTER", 1))
+        value: int = getattr(settings, "IDEMPOTENCY_RETRY_AFTER", 1)
+        return value
 
     @property
     def STORE(self) -> str:
         """Alias, in ``IDEMPOTENCY_STORES``, of the store views use by default."""
-        return str(getattr(settings, "IDEMPOTENCY_STORE", "default"))
+        value: str = getattr(settings, "IDEMPOTENCY_STORE", "default")
+        return value
 
     @property
     def STORES(self) -> dict[str, dict[str, Any]]:
@@ -111,16 +120,20 @@ class Settings:
         return value
 
     @property
-    def REPLAYED_HEADERS(self) -> tuple[str, ...]:
+    def REPLAYED_HEADERS(self) -> Collection[str]:
         """Response headers stored and replayed (besides the status and body)."""
-        value = getattr(settings, "IDEMPOTENCY_REPLAYED_HEADERS", ("Content-Type", "Location"))
-        return tuple(value)
+        value: Collection[str] = getattr(
+            settings, "IDEMPOTENCY_REPLAYED_HEADERS", ("Content-Type", "Location")
+        )
+        return value
 
     @property
-    def RELEASE_STATUSES(self) -> frozenset[int]:
+    def RELEASE_STATUSES(self) -> Collection[int]:
         """Statuses (besides every 5xx) after which nothing is kept, so a retry runs."""
-        value = getattr(settings, "IDEMPOTENCY_RELEASE_STATUSES", (401, 403, 408, 429))
-        return frozenset(int(s) for s in value)
+        value: Collection[int] = getattr(
+            settings, "IDEMPOTENCY_RELEASE_STATUSES", (401, 403, 408, 429)
+        )
+        return value
 
     @property
     def ENCRYPTION_KEYS(self) -> Any:
@@ -130,7 +143,8 @@ class Settings:
     @property
     def MAX_BODY_SIZE(self) -> int:
         """Largest response body, in bytes, that is stored for replay."""
-        return int(getattr(settings, "IDEMPOTENCY_MAX_BODY_SIZE", 1024 * 1024))
+        value: int = getattr(settings, "IDEMPOTENCY_MAX_BODY_SIZE", 1024 * 1024)
+        return value
 
 
 app_settings = Settings()

@@ -16,8 +16,9 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
 from django_idempotency.conf import app_settings, load_callable
-from django_idempotency.decorators import Options, RequestFunction, Seconds, protect
-from django_idempotency.engine import Snapshot
+from django_idempotency.decorators import Options, RequestFunction, protect
+from django_idempotency.policies import Seconds
+from django_idempotency.protocol import Snapshot
 
 try:
     from rest_framework.request import Request

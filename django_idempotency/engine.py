@@ -1,19 +1,21 @@
 """The idempotency protocol: claim, replay, complete, release.
 
 The engine knows nothing of HTTP. An adapter turns its input into a
-:class:`Call` and a :class:`Policy`, hands over the code to protect and a
-function that concludes what of its result is kept, and gets back either
-:class:`Executed` or :class:`Replayed`.
+:class:`~django_idempotency.protocol.Call` and a
+:class:`~django_idempotency.protocol.Policy` and runs the code to protect
+inside :func:`protected` (or :func:`aprotected`, its async twin): the
+:class:`Guard` it gets says whether to replay a stored outcome or to run the
+code and set what of its outcome is kept. The engine decides the mode, calls
+the store and sends every signal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
@@ -21,6 +23,7 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency import sealing, signals
+from django_idempotency.conf import app_settings
 from django_idempotency.exceptions import (
     FingerprintMismatch,
     IdempotencyError,
@@ -28,64 +31,47 @@ from django_idempotency.exceptions import (
     SnapshotUnreadable,
     StoreUnavailable,
 )
+from django_idempotency.protocol import (
+    ATOMIC,
+    LEASE,
+    MODES,
+    Call,
+    Claim,
+    Conclusion,
+    Discard,
+    Execute,
+    Policy,
+    Replay,
+    Snapshot,
+)
 from django_idempotency.stores import Store, get_store
+
+__all__ = [
+    "ATOMIC",
+    "LEASE",
+    "MODES",
+    "OUTCOMES",
+    "Call",
+    "Claim",
+    "Conclusion",
+    "Discard",
+    "Execute",
+    "Executed",
+    "Guard",
+    "Policy",
+    "Replay",
+    "Replayed",
+    "Snapshot",
+    "aprotected",
+    "async_mode_refusal",
+    "protected",
+    "run",
+    "run_async",
+]
 
 logger = logging.getLogger("django_idempotency")
 
 T = TypeVar("T")
-
-ATOMIC = "atomic"
-LEASE = "lease"
-MODES = (ATOMIC, LEASE)
-
-
-@dataclass(frozen=True)
-class Call:
-    """One request for idempotent execution."""
-
-    scope: str
-    key: str
-    fingerprint: str
-    method: str = ""
-    path: str = ""
-
-    def __str__(self) -> str:
-        # Keys can be secrets of sorts (guessable ones leak replays): log a prefix only.
-        return f"scope={self.scope!r} key={self.key[:8]!r}…"
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How a call is protected; resolved from per-view options and settings."""
-
-    #: ``None``: ``atomic`` where the store supports it, else ``lease``.
-    mode: str | None = None
-    retention: float = 86400.0
-    lease: float = 30.0
-    wait: float = 0.0
-    store: str = "default"
-    retry_after: int = 1
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A stored outcome: status, allow-listed headers and body."""
-
-    status: int
-    headers: tuple[tuple[str, str], ...] = ()
-    body: bytes = b""
-
-
-@dataclass(frozen=True)
-class Claim:
-    """The right to execute a call (``replay is None``), or its stored outcome."""
-
-    call: Call
-    token: str
-    replay: Snapshot | None = None
-    #: Whether this claim took the key over from one whose lease had ended.
-    taken_over: bool = False
-
 
 #: What became of a protected call, as :data:`signals.finished` reports it.
 EXECUTED = "executed"
@@ -115,18 +101,6 @@ OUTCOMES = (
 )
 
 
-class Discard(enum.Enum):
-    """Outcomes that are not kept."""
-
-    #: A failure: undo the transaction (atomic) and free the key, so a retry runs.
-    FAILURE = "failure"
-    #: A success that cannot be snapshotted: its effects stay, the key is freed.
-    UNSTORABLE = "unstorable"
-
-
-Conclusion = Snapshot | Discard
-
-
 @dataclass(frozen=True)
 class Executed(Generic[T]):
     result: T
@@ -153,7 +127,13 @@ class Guard:
 
     @property
     def replay(self) -> Snapshot | None:
-        return None if self.claim is None else self.claim.replay
+        """The stored outcome to return instead of running the code, if any."""
+        return self.claim.snapshot if isinstance(self.claim, Replay) else None
+
+    @property
+    def execution(self) -> Execute | None:
+        """The claim this call runs under; ``None`` for a replay or when unprotected."""
+        return self.claim if isinstance(self.claim, Execute) else None
 
 
 def run(
@@ -176,9 +156,27 @@ def run(
     return Executed(result)
 
 
+async def run_async(
+    call: Call,
+    policy: Policy,
+    execute: Callable[[], Awaitable[T]],
+    conclude: Callable[[T], Conclusion],
+) -> Executed[T] | Replayed:
+    """:func:`run` for coroutines (see :func:`aprotected`)."""
+    async with aprotected(call, policy) as guard:
+        if guard.replay is not None:
+            return Replayed(guard.replay)
+        result = await execute()
+        guard.conclusion = await sync_to_async(conclude)(result)
+    return Executed(result)
+
+
+# The protocol, sync and async ------------------------------------------------------
+
+
 @contextlib.contextmanager
 def protected(call: Call, policy: Policy) -> Iterator[Guard]:
-    """The protocol around a block of code, for adapters that cannot pass a callable.
+    """The protocol around a block of code: every adapter runs its code in one.
 
     On entry the key is claimed (or its outcome found: ``guard.replay``); the
     block sets ``guard.conclusion``; on exit the outcome is stored, or the key
@@ -186,21 +184,19 @@ def protected(call: Call, policy: Policy) -> Iterator[Guard]:
     store's transaction.
     """
     store = get_store(policy.store)
-    policy = _resolve_mode(store, policy)
+    policy = _decide_mode(store, policy, asynchronous=False)
     watch = _Watch(call, store, policy)
     try:
         if policy.mode == ATOMIC:
             # Claim, execution and completion share one transaction: the protected
             # code's writes and the stored outcome commit together or not at all.
             with store.atomic():
-                guard = _claim_or_refuse(
-                    store, call, lambda: _timed(store, "claim", store.claim, call, policy)
-                )
+                guard = _guard(store, call, lambda: _claim(store, call, policy))
                 watch.claimed()
                 yield guard
                 outcome = _finish_atomic(store, guard, policy)
         else:
-            guard = _claim_or_refuse(store, call, lambda: _claim_waiting(store, call, policy))
+            guard = _guard(store, call, lambda: _claim_waiting(store, call, policy))
             watch.claimed()
             try:
                 yield guard
@@ -214,84 +210,75 @@ def protected(call: Call, policy: Policy) -> Iterator[Guard]:
     _report(store, guard, watch, outcome)
 
 
-async def run_async(
-    call: Call,
-    policy: Policy,
-    execute: Callable[[], Awaitable[T]],
-    conclude: Callable[[T], Conclusion],
-) -> Executed[T] | Replayed:
-    """:func:`run` for coroutines, in ``lease`` mode only.
+@contextlib.asynccontextmanager
+async def aprotected(call: Call, policy: Policy) -> AsyncIterator[Guard]:
+    """:func:`protected` for async code, which always runs in ``lease`` mode.
 
-    A transaction cannot span an ``await`` (Django binds it to one thread), so
-    ``atomic`` is refused. The store is used from a worker thread; waiting for
-    an in-flight duplicate sleeps without blocking the event loop.
+    The store is used from a worker thread; waiting for an in-flight
+    duplicate sleeps without blocking the event loop.
     """
     store = get_store(policy.store)
-    if policy.mode == ATOMIC:
-        raise ImproperlyConfigured(
-            'Async code runs in "lease" mode: a transaction cannot span an await. '
-            'Use mode="lease" (and IDEMPOTENCY_MODE = None or "lease").'
-        )
-    policy = replace(policy, mode=LEASE)
+    policy = _decide_mode(store, policy, asynchronous=True)
     watch = _Watch(call, store, policy)
     try:
-        guard, done, outcome = await _protect_async(store, call, policy, execute, conclude, watch)
+        try:
+            guard = Guard(call, await _claim_waiting_async(store, call, policy))
+        except IdempotencyError as error:
+            guard = await sync_to_async(_refused)(store, call, error)
+        watch.claimed()
+        if guard.execution is not None:
+            try:
+                yield guard
+            except BaseException:
+                await sync_to_async(_release_quietly)(store, guard)
+                raise
+            outcome = await sync_to_async(_finish_lease)(store, guard, policy)
+        else:
+            yield guard
+            outcome = _settled(guard)
     except BaseException as error:
         await sync_to_async(watch.report)(_failure(error))
         raise
     await sync_to_async(_report)(store, guard, watch, outcome)
-    return done
 
 
-async def _protect_async(
-    store: Store,
-    call: Call,
-    policy: Policy,
-    execute: Callable[[], Awaitable[T]],
-    conclude: Callable[[T], Conclusion],
-    watch: _Watch,
-) -> tuple[Guard, Executed[T] | Replayed, str]:
-    try:
-        claim = _opened(await _claim_waiting_async(store, call, policy))
-    except IdempotencyError as error:
-        guard = await sync_to_async(_refused)(store, call, error)
-    else:
-        guard = Guard(call, claim)
-    watch.claimed()
-    if guard.replay is not None:
-        return guard, Replayed(guard.replay), REPLAYED
-    try:
-        result = await execute()
-        guard.conclusion = await sync_to_async(conclude)(result)
-    except BaseException:
-        await sync_to_async(_release_quietly)(store, guard)
-        raise
-    outcome = await sync_to_async(_finish_lease)(store, guard, policy)
-    return guard, Executed(result), outcome
+def async_mode_refusal(mode: str | None) -> str | None:
+    """Why async code cannot run in ``mode``; ``None`` when it can.
+
+    The one rule for async code: a transaction cannot span an ``await``
+    (Django binds it to one thread), so async code runs in ``lease`` mode,
+    whatever ``IDEMPOTENCY_MODE`` says; asking for ``atomic`` is an error.
+    """
+    if mode == ATOMIC:
+        return 'a transaction cannot span an await. Async code runs in "lease" mode.'
+    return None
 
 
-def _resolve_mode(store: Store, policy: Policy) -> Policy:
-    if policy.mode is None:
-        return replace(policy, mode=ATOMIC if store.supports_atomic else LEASE)
-    if policy.mode == ATOMIC and not store.supports_atomic:
+def _decide_mode(store: Store, policy: Policy, *, asynchronous: bool) -> Policy:
+    """The policy with the mode the call runs in: the one place that decides it."""
+    if asynchronous:
+        refusal = async_mode_refusal(policy.mode)
+        if refusal is not None:
+            raise ImproperlyConfigured(f'mode="atomic" cannot protect async code: {refusal}')
+        return replace(policy, mode=LEASE)
+    mode = policy.mode or app_settings.MODE
+    if mode is None:
+        mode = ATOMIC if store.supports_atomic else LEASE
+    elif mode == ATOMIC and not store.supports_atomic:
         raise ImproperlyConfigured(
             f'The idempotency store {store.alias!r} supports only mode="lease".'
         )
-    return policy
+    return replace(policy, mode=mode)
 
 
-def _claim_or_refuse(store: Store, call: Call, claim: Callable[[], Claim]) -> Guard:
+# The steps both twins share (none of them awaits) ---------------------------------
+
+
+def _guard(store: Store, call: Call, claim: Callable[[], Claim]) -> Guard:
     try:
-        return Guard(call, _opened(claim()))
+        return Guard(call, claim())
     except IdempotencyError as error:
         return _refused(store, call, error)
-
-
-def _opened(claim: Claim) -> Claim:
-    """``claim`` with its stored outcome decrypted, if it has one (see :mod:`.sealing`)."""
-    if claim.replay is None:
-        return claim
-    return replace(claim, replay=sealing.unseal(claim.replay, claim.call))
 
 
 def _refused(store: Store, call: Call, error: IdempotencyError) -> Guard:
@@ -313,24 +300,25 @@ def _refused(store: Store, call: Call, error: IdempotencyError) -> Guard:
 
 def _finish_atomic(store: Store, guard: Guard, policy: Policy) -> str:
     """Store the outcome or undo; say what became of the call (an ``OUTCOMES`` value)."""
-    if guard.claim is None or guard.replay is not None:
+    claim = guard.execution
+    if claim is None:
         return _settled(guard)
     conclusion = guard.conclusion
     if conclusion is Discard.FAILURE or store.rollback_pending():
         store.set_rollback()
         return RELEASED
     if conclusion is Discard.UNSTORABLE:
-        _timed(store, "release", store.release, guard.claim)
+        _timed(store, "release", store.release, claim)
         return RELEASED
-    sealed = sealing.seal(conclusion, guard.call)
-    _timed(store, "complete", store.complete, guard.claim, sealed, policy)
+    sealed = sealing.seal(conclusion, claim.call)
+    _timed(store, "complete", store.complete, claim, sealed, policy)
     return _settled(guard)
 
 
 def _finish_lease(store: Store, guard: Guard, policy: Policy) -> str:
     """Store the outcome or free the key; say what became of the call."""
-    claim, conclusion = guard.claim, guard.conclusion
-    if claim is None or claim.replay is not None:
+    claim, conclusion = guard.execution, guard.conclusion
+    if claim is None:
         return _settled(guard)
     if not isinstance(conclusion, Snapshot):
         _release_quietly(store, guard)
@@ -353,10 +341,11 @@ def _finish_lease(store: Store, guard: Guard, policy: Policy) -> str:
 
 def _release_quietly(store: Store, guard: Guard) -> None:
     """Free the key, without hiding the error that may be on its way up."""
-    if guard.claim is None or guard.claim.replay is not None:
+    claim = guard.execution
+    if claim is None:
         return
     try:
-        _timed(store, "release", store.release, guard.claim)
+        _timed(store, "release", store.release, claim)
     except StoreUnavailable:
         logger.error(
             "Store %r unavailable: %s stays claimed until its lease ends", store.alias, guard.call
@@ -364,13 +353,28 @@ def _release_quietly(store: Store, guard: Guard) -> None:
 
 
 def _report_outcome(store: Store, guard: Guard) -> None:
-    if guard.claim is None:
-        return
-    if guard.replay is not None:
-        logger.info("Replayed %s (status %s)", guard.call, guard.replay.status)
+    claim = guard.claim
+    if isinstance(claim, Replay):
+        logger.info("Replayed %s (status %s)", guard.call, claim.snapshot.status)
         signals.replayed.send(sender=type(store), call=guard.call)
-    else:
+    elif isinstance(claim, Execute):
         signals.executed.send(sender=type(store), call=guard.call)
+
+
+def _claimed(store: Store, claim: Claim) -> Claim:
+    """Report a takeover: the store only says that it happened."""
+    if isinstance(claim, Execute) and claim.takeover:
+        logger.warning("Takeover: %s had an expired lease", claim.call)
+        signals.takeover.send(sender=type(store), call=claim.call)
+    return claim
+
+
+def _claim(store: Store, call: Call, policy: Policy) -> Claim:
+    claim = _claimed(store, _timed(store, "claim", store.claim, call, policy))
+    if isinstance(claim, Replay):
+        # Decrypted here, where every path reads a stored outcome (see sealing.py).
+        return replace(claim, snapshot=sealing.unseal(claim.snapshot, claim.call))
+    return claim
 
 
 def _report(store: Store, guard: Guard, watch: _Watch, outcome: str) -> None:
@@ -383,7 +387,7 @@ def _claim_waiting(store: Store, call: Call, policy: Policy) -> Claim:
     pauses = _pauses(time.monotonic() + policy.wait)
     while True:
         try:
-            return _timed(store, "claim", store.claim, call, policy)
+            return _claim(store, call, policy)
         except RequestInProgress:
             pause = next(pauses, None)
             if pause is None:
@@ -395,7 +399,7 @@ async def _claim_waiting_async(store: Store, call: Call, policy: Policy) -> Clai
     pauses = _pauses(time.monotonic() + policy.wait)
     while True:
         try:
-            return await sync_to_async(_timed)(store, "claim", store.claim, call, policy)
+            return await sync_to_async(_claim)(store, call, policy)
         except RequestInProgress:
             pause = next(pauses, None)
             if pause is None:
@@ -409,6 +413,9 @@ def _pauses(deadline: float) -> Iterator[float]:
     while (remaining := deadline - time.monotonic()) > 0:
         yield min(pause, remaining)
         pause = min(pause * 2, 1.0)
+
+
+# What the engine reports besides its signals of events (otel.py builds on it) -----
 
 
 class _Watch:
@@ -439,11 +446,12 @@ class _Watch:
 
 def _settled(guard: Guard) -> str:
     """The outcome of a call whose claim ended normally."""
-    if guard.claim is None:
+    claim = guard.claim
+    if claim is None:
         return UNPROTECTED
-    if guard.replay is not None:
+    if isinstance(claim, Replay):
         return REPLAYED
-    return TAKEOVER if guard.claim.taken_over else EXECUTED
+    return TAKEOVER if claim.takeover else EXECUTED
 
 
 def _failure(error: BaseException) -> str:

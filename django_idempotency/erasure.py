@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from django.contrib.auth.base_user import AbstractBaseUser
 
 from django_idempotency.conf import app_settings
-from django_idempotency.decorators import _fit
+from django_idempotency.policies import fit_scope
 from django_idempotency.scopes import scope_of_user
 from django_idempotency.stores import get_store
 
@@ -34,7 +34,7 @@ def erase_scope(
     person's requests (deactivate the account) first.
     """
     aliases = list(app_settings.STORES) if stores is None else list(stores)
-    stored_scope = _fit(scope)
+    stored_scope = fit_scope(scope)
     return {
         alias: get_store(alias).erase(stored_scope, dry_run=dry_run, batch_size=batch_size)
         for alias in aliases

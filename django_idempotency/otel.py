@@ -32,6 +32,7 @@ from opentelemetry.metrics import Counter, Histogram, MeterProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProvider
 
 from django_idempotency import engine, signals
+from django_idempotency.protocol import Call
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -86,7 +87,7 @@ def uninstrument() -> None:
     _instruments = None
 
 
-def key_hash(call: engine.Call) -> str:
+def key_hash(call: Call) -> str:
     """What spans carry instead of the key: a short prefix of a SHA-256 of scope and key."""
     return hashlib.sha256(f"{call.scope}\0{call.key}".encode()).hexdigest()[:12]
 
@@ -94,7 +95,7 @@ def key_hash(call: engine.Call) -> str:
 def _on_finished(
     sender: Any,
     *,
-    call: engine.Call,
+    call: Call,
     store: str,
     mode: str,
     outcome: str,

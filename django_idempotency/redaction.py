@@ -19,7 +19,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
 
 from django_idempotency.conf import load_callable
-from django_idempotency.engine import Snapshot
+from django_idempotency.protocol import Snapshot
 
 Redact = Callable[[HttpRequest, Snapshot], Snapshot]
 

@@ -10,8 +10,8 @@ from django.http.response import HttpResponseBase
 from django.template.response import SimpleTemplateResponse
 
 from django_idempotency.conf import app_settings
-from django_idempotency.engine import Conclusion, Discard, Snapshot
 from django_idempotency.exceptions import IdempotencyError, RequestInProgress
+from django_idempotency.protocol import Conclusion, Discard, Snapshot
 
 logger = logging.getLogger("django_idempotency")
 
@@ -25,7 +25,7 @@ _NEVER_STORED = frozenset({"set-cookie"})
 def conclude(request: HttpRequest, response: HttpResponseBase) -> Conclusion:
     """What of ``response`` is kept: a snapshot, or why nothing is."""
     status = response.status_code
-    if status >= 500 or status in app_settings.RELEASE_STATUSES:
+    if status >= 500 or status in frozenset(app_settings.RELEASE_STATUSES):
         return Discard.FAILURE
     if response.streaming:
         logger.warning(
@@ -34,7 +34,7 @@ def conclude(request: HttpRequest, response: HttpResponseBase) -> Conclusion:
         return Discard.UNSTORABLE
     _render(request, response)
     body = response.content  # type: ignore[attr-defined]
-    if len(body) > app_settings.MAX_BODY_SIZE:
+    if len(body) > int(app_settings.MAX_BODY_SIZE):
         logger.warning(
             "Not stored: %s %s returned %d bytes, over IDEMPOTENCY_MAX_BODY_SIZE",
             request.method,

@@ -15,21 +15,19 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.conf import app_settings
 from django_idempotency.exceptions import SnapshotUnreadable
+from django_idempotency.protocol import Call, Snapshot
 
 try:
     from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 except ImportError:  # the crypto extra is missing: check E041 reports it if keys are set
     Fernet = MultiFernet = None  # type: ignore[assignment,misc]
     InvalidToken = ValueError  # type: ignore[assignment,misc]
-
-if TYPE_CHECKING:
-    from django_idempotency.engine import Call, Snapshot
 
 logger = logging.getLogger("django_idempotency")
 
@@ -83,7 +81,7 @@ def seal(snapshot: Snapshot, call: Call) -> Snapshot:
         separators=(",", ":"),
     ).encode()
     token = _fernet(keys).encrypt(envelope + b"\n" + snapshot.body)
-    return type(snapshot)(status=snapshot.status, headers=(), body=SEALED_PREFIX + token)
+    return Snapshot(status=snapshot.status, headers=(), body=SEALED_PREFIX + token)
 
 
 def unseal(snapshot: Snapshot, call: Call) -> Snapshot:
@@ -108,7 +106,7 @@ def unseal(snapshot: Snapshot, call: Call) -> Snapshot:
     if meta.get("s") != call.scope or meta.get("k") != call.key:
         _refuse(call, "it was sealed for another key")
     headers = tuple((str(name), str(value)) for name, value in meta.get("h", ()))
-    return type(snapshot)(status=snapshot.status, headers=headers, body=body)
+    return Snapshot(status=snapshot.status, headers=headers, body=body)
 
 
 def reseal(body: bytes, scope: str, key: str, headers: Iterable[Any] = ()) -> bytes | None:
@@ -119,8 +117,6 @@ def reseal(body: bytes, scope: str, key: str, headers: Iterable[Any] = ()) -> by
     re-encrypted with the newest key. Raises :class:`Undecryptable` when no
     configured key decrypts it.
     """
-    from django_idempotency.engine import Call, Snapshot
-
     keys = encryption_keys()
     if not is_sealed(body):
         plain = Snapshot(

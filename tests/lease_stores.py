@@ -17,6 +17,7 @@ from django.db import connections
 from django_redis import get_redis_connection
 
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.protocol import Claim, Replay, Snapshot
 from django_idempotency.stores import get_store
 from django_idempotency.stores.cache import CacheStore
 from tests.concurrency_helpers import PATIENCE
@@ -53,6 +54,12 @@ def lease_store_fixture(request: pytest.FixtureRequest, settings: Any) -> str:
     if alias == REDIS:
         request.getfixturevalue("redis_records")
     return alias
+
+
+def replayed(claim: Claim) -> Snapshot:
+    """The stored outcome a claim found; fails the test if it won the right to run."""
+    assert isinstance(claim, Replay), claim
+    return claim.snapshot
 
 
 def stored(alias: str, scope: str, key: str) -> dict[str, Any] | None:

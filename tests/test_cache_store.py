@@ -25,6 +25,7 @@ from django_idempotency.checks import check_settings
 from django_idempotency.decorators import idempotent_function
 from django_idempotency.engine import Call, Policy, Snapshot, run
 from django_idempotency.exceptions import StoreUnavailable
+from django_idempotency.protocol import Execute
 from django_idempotency.stores import cache, get_store
 from django_idempotency.stores.cache import CacheStore
 from tests.lease_stores import (
@@ -32,6 +33,7 @@ from tests.lease_stores import (
     STORES,
     lease_store_fixture,  # noqa: F401
     redis_records_fixture,  # noqa: F401
+    replayed,
     stored,
 )
 from tests.testapp.models import Order
@@ -199,7 +201,7 @@ def test_keys_of_different_scopes_do_not_meet(lease_store: str) -> None:
 
     other = store.claim(Call("other", CALL.key, CALL.fingerprint), policy)
 
-    assert other.replay is None
+    assert isinstance(other, Execute)
 
 
 # What Redis holds --------------------------------------------------------------
@@ -238,15 +240,14 @@ def test_a_completed_record_keeps_the_snapshot_for_the_retention(redis_store: Ca
     assert record is not None
     assert record["state"] == "completed"
     assert record["status"] == 201
-    replay = redis_store.claim(CALL, policy).replay
-    assert replay == snapshot
+    assert replayed(redis_store.claim(CALL, policy)) == snapshot
 
 
 def test_a_snapshot_without_headers_replays_without_headers(redis_store: CacheStore) -> None:
     claim = redis_store.claim(CALL, POLICY)
     redis_store.complete(claim, Snapshot(204), POLICY)
 
-    replay = redis_store.claim(CALL, POLICY).replay
+    replay = replayed(redis_store.claim(CALL, POLICY))
 
     assert replay == Snapshot(204, headers=(), body=b"")
 

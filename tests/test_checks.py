@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from io import StringIO
 from typing import Any
 
 import pytest
 from django.core.checks import run_checks
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
 from django.db import connection
 from django.test import override_settings
 
@@ -41,6 +44,8 @@ def test_default_settings_pass() -> None:
         ("IDEMPOTENCY_METHODS", ["GET"], "E002"),
         ("IDEMPOTENCY_METHODS", "POST", "E002"),
         ("IDEMPOTENCY_METHODS", [1], "E002"),
+        ("IDEMPOTENCY_METHODS", None, "E002"),
+        ("IDEMPOTENCY_METHODS", 42, "E002"),
         ("IDEMPOTENCY_REQUIRED", "yes", "E003"),
         ("IDEMPOTENCY_SCOPE", "no.such.function", "E004"),
         ("IDEMPOTENCY_SCOPE", 42, "E004"),
@@ -56,6 +61,7 @@ def test_default_settings_pass() -> None:
         ("IDEMPOTENCY_STORES", {"default": {"OPTIONS": {}}}, "E010"),
         ("IDEMPOTENCY_STORES", ["default"], "E010"),
         ("IDEMPOTENCY_STORE", "elsewhere", "E011"),
+        ("IDEMPOTENCY_STORE", ["default"], "E011"),
         ("IDEMPOTENCY_STORES", {"default": {"BACKEND": "no.such.Store"}}, "E012"),
         ("IDEMPOTENCY_STORES", {"default": {"BACKEND": "django_idempotency.Nope"}}, "E012"),
         (
@@ -70,9 +76,12 @@ def test_default_settings_pass() -> None:
         ),
         ("IDEMPOTENCY_REPLAYED_HEADERS", ["Content Type"], "E015"),
         ("IDEMPOTENCY_REPLAYED_HEADERS", "Location", "E015"),
+        ("IDEMPOTENCY_REPLAYED_HEADERS", None, "E015"),
         ("IDEMPOTENCY_REPLAYED_HEADERS", ["Location", "set-cookie"], "E016"),
         ("IDEMPOTENCY_RELEASE_STATUSES", [500], "E017"),
         ("IDEMPOTENCY_RELEASE_STATUSES", ["401"], "E017"),
+        ("IDEMPOTENCY_RELEASE_STATUSES", None, "E017"),
+        ("IDEMPOTENCY_RELEASE_STATUSES", 401, "E017"),
         ("IDEMPOTENCY_MAX_BODY_SIZE", 0, "E018"),
         ("IDEMPOTENCY_MAX_BODY_SIZE", 1.5, "E018"),
         ("IDEMPOTENCY_RETRY_AFTER", -1, "E019"),
@@ -120,6 +129,25 @@ def test_messages_carry_a_hint() -> None:
 def test_sqlite_is_flagged_as_serialising_writers() -> None:
     on_sqlite = connection.vendor == "sqlite"
     assert ("django_idempotency.W001" in ids()) == on_sqlite
+
+
+# Django's own model checks ask every database whether it supports JSONField.
+@pytest.mark.django_db(databases="__all__")
+@pytest.mark.parametrize(
+    ("setting", "check_id"),
+    [
+        ("IDEMPOTENCY_METHODS", "E002"),
+        ("IDEMPOTENCY_REPLAYED_HEADERS", "E015"),
+        ("IDEMPOTENCY_RELEASE_STATUSES", "E017"),
+    ],
+)
+def test_a_setting_of_none_is_reported_by_manage_py_check(setting: str, check_id: str) -> None:
+    # It used to crash the check itself with a TypeError.
+    with (
+        override_settings(**{setting: None}, SILENCED_SYSTEM_CHECKS=["django_idempotency.W001"]),
+        pytest.raises(SystemCheckError, match=f"django_idempotency.{check_id}"),
+    ):
+        call_command("check", stdout=StringIO(), stderr=StringIO())
 
 
 @pytest.mark.django_db

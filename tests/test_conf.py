@@ -25,7 +25,7 @@ DEFAULTS = {
     "STORE": "default",
     "STORES": DEFAULT_STORES,
     "REPLAYED_HEADERS": ("Content-Type", "Location"),
-    "RELEASE_STATUSES": frozenset({401, 403, 408, 429}),
+    "RELEASE_STATUSES": (401, 403, 408, 429),
     "MAX_BODY_SIZE": 1024 * 1024,
 }
 
@@ -37,7 +37,7 @@ def test_defaults(name: str, default: Any) -> None:
 
 OVERRIDES = [
     ("HEADER", "X-Key", "X-Key"),
-    ("METHODS", ["post", "put"], ("POST", "PUT")),
+    ("METHODS", ["post", "put"], ["post", "put"]),
     ("REQUIRED", False, False),
     ("SCOPE", "tests.test_conf.fixed_scope", "tests.test_conf.fixed_scope"),
     ("FINGERPRINT", "x.y", "x.y"),
@@ -45,17 +45,25 @@ OVERRIDES = [
     ("MODE", "lease", "lease"),
     ("LEASE", timedelta(minutes=2), timedelta(minutes=2)),
     ("WAIT", 5, 5),
-    ("RETRY_AFTER", "3", 3),
+    ("RETRY_AFTER", 3, 3),
     ("STORE", "other", "other"),
     ("STORES", {"other": {"BACKEND": "x.Y"}}, {"other": {"BACKEND": "x.Y"}}),
-    ("REPLAYED_HEADERS", ["ETag"], ("ETag",)),
-    ("RELEASE_STATUSES", [409], frozenset({409})),
+    ("REPLAYED_HEADERS", ["ETag"], ["ETag"]),
+    ("RELEASE_STATUSES", [409], [409]),
     ("MAX_BODY_SIZE", 10, 10),
 ]
 
 
 def fixed_scope(request: Any) -> str:
     return "fixed"
+
+
+@pytest.mark.parametrize("name", DEFAULTS)
+def test_values_are_raw_so_the_checks_see_them_as_they_are(name: str) -> None:
+    # Conversion happens where a value is used; a bad value reaches its check.
+    bad = object()
+    with override_settings(**{f"IDEMPOTENCY_{name}": bad}):
+        assert getattr(app_settings, name) is bad
 
 
 @pytest.mark.parametrize(("name", "value", "expected"), OVERRIDES)

@@ -20,7 +20,9 @@ from django.test import Client
 from django.utils import timezone
 
 from django_idempotency.decorators import Options, idempotent
+from django_idempotency.engine import protected
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.protocol import Call, Snapshot
 from tests.conftest import Endpoint, fingerprint_for, problem, scope_of, send
 from tests.factories import IdempotencyKeyFactory
 from tests.testapp.models import Order
@@ -520,14 +522,21 @@ def test_bad_options_are_refused_at_decoration_time(options: dict[str, Any]) -> 
         idempotent(**options)
 
 
+@pytest.mark.django_db
 def test_options_fall_back_to_the_settings_at_call_time(settings: Any) -> None:
     options = Options()
     settings.IDEMPOTENCY_RETENTION = timedelta(minutes=5)
     settings.IDEMPOTENCY_MODE = "lease"
     settings.IDEMPOTENCY_WAIT = 2
     policy = options.policy()
-    assert (policy.retention, policy.mode, policy.wait) == (300.0, "lease", 2.0)
+    assert (policy.retention, policy.wait) == (300.0, 2.0)
     assert Options(retention=timedelta(minutes=1), mode="atomic").policy().retention == 60.0
+    # The mode left unset is the setting's, which the engine reads when it claims.
+    assert policy.mode is None
+    with protected(Call("scope", "fallback", "f"), policy) as guard:
+        row = IdempotencyKey.objects.get(key="fallback")
+        guard.conclusion = Snapshot(201)
+    assert row.locked_until is not None  # a lease: committed before the block ran
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])

@@ -431,3 +431,46 @@ def test_store_setting_picks_the_alias(client: Client, settings: Any) -> None:
     assert _keys_in(OTHER_DATABASE) == ["key-1"]
     assert _keys_in("default") == ["key-1"]
     assert Order.objects.count() == 2
+
+
+# The layering ---------------------------------------------------------------------------
+
+
+def test_a_store_is_built_once_per_alias_and_again_after_a_setting_changes(settings: Any) -> None:
+    first = get_store("default")
+    assert get_store("default") is first
+    settings.IDEMPOTENCY_STORES = {
+        "default": {
+            "BACKEND": "django_idempotency.stores.database.DatabaseStore",
+            "OPTIONS": {"DATABASE": OTHER_DATABASE},
+        }
+    }
+    rebuilt = get_store("default")
+    assert rebuilt is not first
+    assert getattr(rebuilt, "database", None) == OTHER_DATABASE
+
+
+def test_neither_the_contract_nor_the_stores_import_the_engine_or_the_adapters() -> None:
+    # Read from the source, so that imports under TYPE_CHECKING count too.
+    import ast
+    import pathlib
+
+    import django_idempotency
+
+    package = pathlib.Path(django_idempotency.__file__).parent
+    higher = {"engine", "decorators", "functions", "drf", "responses", "checks", "openapi"}
+    lower = [
+        package / "protocol.py",
+        package / "conf.py",
+        *sorted((package / "stores").glob("*.py")),
+    ]
+    for path in lower:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+            else:
+                continue
+            climbs = {n for n in names for h in higher if n == f"django_idempotency.{h}"}
+            assert not climbs, f"{path.name} imports {climbs}"

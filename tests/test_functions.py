@@ -444,3 +444,11 @@ def test_a_concurrent_delivery_that_does_not_wait_is_told_to_retry(
     assert first.outcome() == "captured"
     assert slow_capture(MESSAGE) == "captured"
     assert captured() == 1
+
+
+def test_the_function_adapters_keep_their_documented_import_path() -> None:
+    from django_idempotency import decorators, functions
+
+    assert decorators.idempotent_function is functions.idempotent_function
+    assert decorators.idempotent_block is functions.idempotent_block
+    assert decorators.Block is functions.Block

@@ -25,8 +25,9 @@ from django.test import Client, RequestFactory
 from django_idempotency import signals
 from django_idempotency.checks import check_settings
 from django_idempotency.decorators import idempotent
-from django_idempotency.engine import Call, Claim, Policy, Snapshot
+from django_idempotency.engine import protected
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress
+from django_idempotency.protocol import Call, Claim, Execute, Policy, Snapshot
 from django_idempotency.stores import get_store
 from django_idempotency.stores.database import DatabaseStore
 from tests.concurrency_helpers import PATIENCE, Gate
@@ -34,6 +35,7 @@ from tests.lease_stores import (
     Worker,
     lease_store_fixture,  # noqa: F401
     redis_records_fixture,  # noqa: F401
+    replayed,
     run_together,
     stored,
 )
@@ -213,10 +215,26 @@ def test_an_expired_lease_is_taken_over_counted_logged_and_signalled(
         store.claim(CALL, policy)
 
     frozen.shift(1)
+    # The store says that it took the key over; it neither logs nor signals.
     with caplog.at_level(logging.WARNING, logger="django_idempotency"):
         successor = store.claim(CALL, policy)
+    assert isinstance(successor, Execute)
+    assert successor.takeover
+    assert (takeovers, caplog.text) == ([], "")
+    store.release(successor)
+    store.claim(CALL, policy)  # a live claim again, abandoned in turn
+    frozen.shift(LEASE)
 
-    assert successor.replay is None
+    # Through the engine, which reports it.
+    with (
+        caplog.at_level(logging.WARNING, logger="django_idempotency"),
+        protected(CALL, policy) as guard,
+    ):
+        successor = guard.execution
+        guard.conclusion = Snapshot(201)
+
+    assert isinstance(successor, Execute)
+    assert successor.takeover
     assert successor.token != crashed.token
     record = stored(lease_store, CALL.scope, CALL.key)
     assert record is not None
@@ -244,9 +262,7 @@ def test_the_slow_first_worker_can_neither_complete_nor_release_the_new_claim(
     assert store.complete(successor, Snapshot(201, body=b"successor"), policy)
     assert not store.complete(slow, Snapshot(201, body=b"slow"), policy)
     store.release(slow)
-    replay = store.claim(CALL, policy).replay
-    assert replay is not None
-    assert replay.body == b"successor"
+    assert replayed(store.claim(CALL, policy)).body == b"successor"
 
 
 @pytest.mark.django_db
@@ -259,9 +275,7 @@ def test_a_completed_claim_is_replayed_even_after_its_lease_ended(
     # Late, but nobody took over: the outcome is still the owner's to store.
     assert store.complete(claim, Snapshot(201, body=b"late"), policy)
 
-    replay = store.claim(CALL, policy).replay
-    assert replay is not None
-    assert replay.body == b"late"
+    assert replayed(store.claim(CALL, policy)).body == b"late"
 
 
 @pytest.mark.django_db
@@ -275,7 +289,7 @@ def test_a_takeover_never_overwrites_a_completion_that_lands_first(
     take_over = DatabaseStore._take_over
     completions: list[bool] = []
 
-    def complete_just_before(self: DatabaseStore, *args: Any, **kwargs: Any) -> Claim | None:
+    def complete_just_before(self: DatabaseStore, *args: Any, **kwargs: Any) -> Execute | None:
         if not completions:
             completions.append(store.complete(slow, Snapshot(201, body=b"slow"), policy))
         return take_over(self, *args, **kwargs)
@@ -284,8 +298,7 @@ def test_a_takeover_never_overwrites_a_completion_that_lands_first(
     claim = store.claim(CALL, policy)
 
     assert completions == [True]
-    assert claim.replay is not None
-    assert claim.replay.body == b"slow"
+    assert replayed(claim).body == b"slow"
 
 
 @pytest.mark.django_db(transaction=True)

@@ -33,11 +33,11 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from django_idempotency import sealing, signals
-from django_idempotency.engine import Call, Claim, Policy, Snapshot
+from django_idempotency import sealing
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
+from django_idempotency.protocol import Call, Claim, Execute, Policy, Replay, Snapshot
 from django_idempotency.sealing import Resealing
-from django_idempotency.stores import Store
+from django_idempotency.stores.base import Store
 
 logger = logging.getLogger("django_idempotency")
 
@@ -163,13 +163,13 @@ class CacheStore(Store):
         ttl = _ms(max(policy.retention, policy.lease))
         with self._reachable() as client:
             if client.set(name, fresh, nx=True, px=ttl):
-                return Claim(call, token)
+                return Execute(call, token)
             decision = client.register_script(_CLAIM_EXISTING)(
                 keys=[name], args=[fresh, now, ttl], client=client
             )
         return self._decide(call, token, decision)
 
-    def complete(self, claim: Claim, snapshot: Snapshot, policy: Policy) -> bool:
+    def complete(self, claim: Execute, snapshot: Snapshot, policy: Policy) -> bool:
         now = _now_ms()
         done = _completed(claim, snapshot, policy, now)
         name = self.record_name(claim.call.scope, claim.call.key)
@@ -179,7 +179,7 @@ class CacheStore(Store):
             )
         return bool(stored)
 
-    def release(self, claim: Claim) -> None:
+    def release(self, claim: Execute) -> None:
         name = self.record_name(claim.call.scope, claim.call.key)
         with self._reachable() as client:
             client.register_script(_RELEASE)(keys=[name], args=[claim.token], client=client)
@@ -268,18 +268,16 @@ class CacheStore(Store):
     def _decide(self, call: Call, token: str, decision: list[bytes]) -> Claim:
         verdict = decision[0].decode()
         if verdict == "claimed":
-            return Claim(call, token)
+            return Execute(call, token)
         if verdict == "taken_over":
-            logger.warning("Takeover: %s had an expired lease (attempt %s)", call, int(decision[1]))
-            signals.takeover.send(sender=type(self), call=call)
-            return Claim(call, token, taken_over=True)
+            return Execute(call, token, takeover=True)
         if verdict == "mismatch":
             raise FingerprintMismatch(
                 "This idempotency key was already used for a different request."
             )
         if verdict == "replay":
             record = _loads(decision[1])
-            return Claim(call, record["token"], replay=_snapshot(record))
+            return Replay(call, _snapshot(record))
         left_ms = int(decision[1])
         raise RequestInProgress(retry_after=math.ceil(left_ms / 1000))
 
@@ -300,7 +298,7 @@ def _in_progress(call: Call, policy: Policy, token: str, now: int) -> dict[str, 
     }
 
 
-def _completed(claim: Claim, snapshot: Snapshot, policy: Policy, now: int) -> dict[str, Any]:
+def _completed(claim: Execute, snapshot: Snapshot, policy: Policy, now: int) -> dict[str, Any]:
     call = claim.call
     return {
         "state": COMPLETED,

@@ -23,12 +23,14 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import F
 from django.utils import timezone
 
-from django_idempotency import sealing, signals
-from django_idempotency.engine import ATOMIC, Call, Claim, Policy, Snapshot
+from django_idempotency import sealing
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.protocol import ATOMIC, Call, Claim, Execute, Policy, Replay, Snapshot
 from django_idempotency.sealing import Resealing
-from django_idempotency.stores import Store, postgresql, sql
+from django_idempotency.stores import postgresql, sql
+from django_idempotency.stores.base import Store
+from django_idempotency.stores.sql import Inserted
 
 logger = logging.getLogger("django_idempotency")
 
@@ -60,17 +62,18 @@ class DatabaseStore(Store):
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
-        block = transaction.atomic(using=self.db)
+        connection = transaction.get_connection(self.db)
+        block = transaction.atomic(using=connection.alias)
         block.__enter__()
         try:
             yield
         except BaseException as exc:
             # Ending the block talks to the server; if the connection died,
             # MySQLdb raises even while Django drops it: report that as such.
-            with self._reachable():
+            with _reachable(connection):
                 block.__exit__(type(exc), exc, exc.__traceback__)
             raise
-        with self._reachable():
+        with _reachable(connection):
             block.__exit__(None, None, None)
 
     def rollback_pending(self) -> bool:
@@ -81,25 +84,14 @@ class DatabaseStore(Store):
 
     def claim(self, call: Call, policy: Policy) -> Claim:
         connection = transaction.get_connection(self.db)
-        vendor = connection.vendor
         try:
-            with self._reachable():
-                if vendor == "postgresql":
-                    # One statement: needs no transaction of its own.
-                    return self._claim_postgresql(call, policy)
-                if vendor == "sqlite":
-                    # No row locks: the insert either claims or finds the row.
-                    return self._claim(call, policy, self._insert_sqlite)
-                if policy.mode == ATOMIC:
-                    # The caller's transaction (see Store.atomic) holds the claim.
-                    return self._claim(call, policy, self._insert)
-                with transaction.atomic(using=self.db):
-                    return self._claim(call, policy, self._insert)
+            with _reachable(connection), _claiming(connection, policy):
+                return self._claim(connection, call, policy)
         except OperationalError as exc:
             # Waited as long as allowed for the transaction that holds the key.
             raise RequestInProgress(retry_after=policy.retry_after) from exc
 
-    def complete(self, claim: Claim, snapshot: Snapshot, policy: Policy) -> bool:
+    def complete(self, claim: Execute, snapshot: Snapshot, policy: Policy) -> bool:
         # One statement, conditional on the token: atomic with or without a
         # surrounding transaction, and a no-op for a claim that was taken over.
         now = timezone.now()
@@ -115,15 +107,15 @@ class DatabaseStore(Store):
             key=claim.call.key,
             token=claim.token,
         )
-        with self._reachable(), sql.cursor(connection) as cursor:
+        with _reachable(connection), sql.cursor(connection) as cursor:
             cursor.execute(sql.statements(connection).complete, params)
             updated: int = cursor.rowcount
         return updated == 1
 
-    def release(self, claim: Claim) -> None:
+    def release(self, claim: Execute) -> None:
         connection = transaction.get_connection(self.db)
         params = [claim.call.scope, claim.call.key, claim.token]
-        with self._reachable(), sql.cursor(connection) as cursor:
+        with _reachable(connection), sql.cursor(connection) as cursor:
             cursor.execute(sql.statements(connection).release, params)
 
     def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
@@ -182,109 +174,33 @@ class DatabaseStore(Store):
                 return Resealing()
         return Resealing(resealed=1)
 
-    @contextlib.contextmanager
-    def _reachable(self) -> Iterator[None]:
-        """Report a lost or refused connection as the store being unavailable.
-
-        Lock contention stays an ``OperationalError``: the claim answers it
-        with 409. Anything else (the server closed the connection, refused a
-        new one, ran out of disk) means the store cannot keep its promise.
-        """
-        driver = transaction.get_connection(self.db).Database
-        try:
-            yield
-        except (
-            OperationalError,
-            InterfaceError,
-            # Raised unwrapped by some drivers, e.g. MySQLdb when Django
-            # closes a cursor on a connection the server dropped.
-            driver.OperationalError,
-            driver.InterfaceError,
-        ) as exc:
-            if isinstance(exc, OperationalError) and _is_lock_contention(exc):
-                raise
-            raise StoreUnavailable(f"Database {self.db!r} is unavailable: {exc}") from exc
-
-    def _claim(self, call: Call, policy: Policy, insert: Callable[[dict[str, Any]], bool]) -> Claim:
-        connection = transaction.get_connection(self.db)
-        # Contention shows as a lock wait on the unique index, bounded here.
-        with _lock_wait(connection, policy.wait):
-            for _ in range(_CLAIM_ROUNDS):
-                token = uuid.uuid4().hex
-                now = timezone.now()
-                try:
-                    inserted = insert(_new_row(call, policy, token, now))
-                except OperationalError as exc:
-                    if not self._restart_after_deadlock(exc):
-                        raise
-                    continue  # the holder rolled back: wait for whoever claims next
-                if inserted:
-                    return Claim(call, token)
-                with sql.cursor(connection) as cursor:
-                    row = sql.fetch_row(connection, cursor, call.scope, call.key)
-                claim = self._claim_existing(row, call, policy, token, now)
-                if claim is not None:
-                    return claim
-        raise RequestInProgress(retry_after=policy.retry_after)
-
-    def _restart_after_deadlock(self, exc: OperationalError) -> bool:
-        """Whether a deadlock undid nothing but this claim, which may then go on.
-
-        Claims waiting on one uncommitted key deadlock in InnoDB when its
-        holder rolls back, and InnoDB rolls each victim's whole transaction
-        back. If that was the claim's own transaction (the only atomic block,
-        and the one that began it), nothing else was lost: the claim continues
-        in the transaction the server begins with the next statement.
-        """
-        connection = transaction.get_connection(self.db)
-        deadlock = connection.vendor == "mysql" and exc.args[:1] == (_MYSQL_DEADLOCK,)
-        own_transaction = len(connection.atomic_blocks) == 1 and connection.commit_on_exit
-        if not (deadlock and own_transaction):
-            return False
-        # Django could not roll back to the insert's savepoint (it went with
-        # the transaction) and so marked the block for rollback: undo that.
-        transaction.set_rollback(False, using=self.db)
-        return True
-
-    def _claim_postgresql(self, call: Call, policy: Policy) -> Claim:
-        connection = transaction.get_connection(self.db)
+    def _claim(self, connection: BaseDatabaseWrapper, call: Call, policy: Policy) -> Claim:
+        """The claim loop, the same on every database; only the insert differs."""
+        insert = _INSERTS[connection.vendor]
         for _ in range(_CLAIM_ROUNDS):
             token = uuid.uuid4().hex
             now = timezone.now()
-            inserted, row = postgresql.insert(connection, call, _new_row(call, policy, token, now))
-            if inserted is postgresql.Inserted.CLAIMED:
-                return Claim(call, token)
-            if inserted is postgresql.Inserted.CONTENDED and not _is_final(row, now):
+            inserted, row = insert(connection, call, _new_row(call, policy, token, now))
+            if inserted is Inserted.CLAIMED:
+                return Execute(call, token)
+            if inserted is Inserted.CONTENDED and not _is_final(row, now):
                 # Someone is claiming the key right now; a completed row is
                 # final, anything else is theirs to decide.
-                postgresql.wait_for(connection, call, policy.wait, policy.retry_after)
+                _wait_for_claimer(connection, call, policy)
                 continue
-            claim = self._claim_existing(row, call, policy, token, now)
+            claim = self._claim_existing(connection, row, call, policy, token, now)
             if claim is not None:
                 return claim
         raise RequestInProgress(retry_after=policy.retry_after)
 
-    def _insert(self, values: dict[str, Any]) -> bool:
-        connection = transaction.get_connection(self.db)
-        params = sql.new_row_params(connection, values)
-        try:
-            # A savepoint, so that a collision leaves the transaction usable.
-            with transaction.atomic(using=self.db), sql.cursor(connection) as cursor:
-                cursor.execute(sql.statements(connection).insert, params)
-        except IntegrityError:
-            return False
-        return True
-
-    def _insert_sqlite(self, values: dict[str, Any]) -> bool:
-        connection = transaction.get_connection(self.db)
-        params = sql.new_row_params(connection, values)
-        with sql.cursor(connection) as cursor:
-            cursor.execute(sql.statements(connection).insert_unless_taken, params)
-            inserted: bool = cursor.rowcount == 1
-        return inserted
-
     def _claim_existing(
-        self, row: sql.Row | None, call: Call, policy: Policy, token: str, now: datetime
+        self,
+        connection: BaseDatabaseWrapper,
+        row: sql.Row | None,
+        call: Call,
+        policy: Policy,
+        token: str,
+        now: datetime,
     ) -> Claim | None:
         """Decide about the committed row the insert collided with.
 
@@ -301,13 +217,13 @@ class DatabaseStore(Store):
         if row.expires <= now and not live_lease:
             # Past retention: the key is new again.
             fields = {"attempts": 1, "created": now}
-            return self._take_over(row, call, policy, token, now, fields)
+            return self._take_over(connection, row, call, policy, token, now, fields)
         if row.fingerprint != call.fingerprint:
             raise FingerprintMismatch(
                 "This idempotency key was already used for a different request."
             )
         if row.state == State.COMPLETED:
-            return Claim(call, row.token, replay=_snapshot(row))
+            return Replay(call, _snapshot(row))
         if live_lease:
             assert row.locked_until is not None
             left = (row.locked_until - now).total_seconds()
@@ -318,27 +234,25 @@ class DatabaseStore(Store):
             # inside the code the first claim protects.
             raise RequestInProgress(retry_after=policy.retry_after)
         # An in-progress claim whose lease ended: its worker died or stalled.
-        claim = self._take_over(row, call, policy, token, now, {"attempts": F("attempts") + 1})
-        if claim is not None:
-            logger.warning("Takeover: %s had an expired lease", call)
-            signals.takeover.send(sender=type(self), call=call)
-            return replace(claim, taken_over=True)
-        return claim
+        fields = {"attempts": F("attempts") + 1}
+        claim = self._take_over(connection, row, call, policy, token, now, fields)
+        return None if claim is None else replace(claim, takeover=True)
 
     def _take_over(
         self,
+        connection: BaseDatabaseWrapper,
         row: sql.Row,
         call: Call,
         policy: Policy,
         token: str,
         now: datetime,
         fields: dict[str, Any],
-    ) -> Claim | None:
+    ) -> Execute | None:
         # Compare-and-set on the old token and state: of several requests
         # taking over the same row, exactly one updates it, and none does once
         # the late owner has completed it (its token stays, its state changes).
         updated = (
-            IdempotencyKey.objects.using(self.db)
+            IdempotencyKey.objects.using(connection.alias)
             .filter(pk=row.pk, token=row.token, state=row.state)
             .update(
                 fingerprint=call.fingerprint,
@@ -355,7 +269,120 @@ class DatabaseStore(Store):
                 **fields,
             )
         )
-        return Claim(call, token) if updated == 1 else None
+        return Execute(call, token) if updated == 1 else None
+
+
+@contextlib.contextmanager
+def _reachable(connection: BaseDatabaseWrapper) -> Iterator[None]:
+    """Report a lost or refused connection as the store being unavailable.
+
+    Lock contention stays an ``OperationalError``: the claim answers it
+    with 409. Anything else (the server closed the connection, refused a
+    new one, ran out of disk) means the store cannot keep its promise.
+    """
+    driver = connection.Database  # type: ignore[attr-defined]
+    try:
+        yield
+    except (
+        OperationalError,
+        InterfaceError,
+        # Raised unwrapped by some drivers, e.g. MySQLdb when Django
+        # closes a cursor on a connection the server dropped.
+        driver.OperationalError,
+        driver.InterfaceError,
+    ) as exc:
+        if isinstance(exc, OperationalError) and _is_lock_contention(exc):
+            raise
+        raise StoreUnavailable(f"Database {connection.alias!r} is unavailable: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _claiming(connection: BaseDatabaseWrapper, policy: Policy) -> Iterator[None]:
+    """What a claim needs around its statements besides the insert itself."""
+    if connection.vendor == "postgresql":
+        # One statement: needs no transaction, and bounds its own wait.
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        if connection.vendor == "mysql" and policy.mode != ATOMIC:
+            # The insert's savepoint needs a transaction; in atomic mode the
+            # caller's (see Store.atomic) holds the claim.
+            stack.enter_context(transaction.atomic(using=connection.alias))
+        # Contention shows as a lock wait on the unique index, bounded here.
+        stack.enter_context(_lock_wait(connection, policy.wait))
+        yield
+
+
+# The vendor-specific insert: claim the key with a new row, or say who holds it.
+# Each returns what happened and, unless the row was inserted, the row that
+# holds the key as the insert saw it (None: none seen, or not looked at).
+Insert = Callable[[BaseDatabaseWrapper, Call, dict[str, Any]], tuple[Inserted, "sql.Row | None"]]
+
+
+def _insert_sqlite(
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any]
+) -> tuple[Inserted, sql.Row | None]:
+    # No row locks: the database lock serialises writers, so the insert either
+    # claims the key or finds a committed row.
+    params = sql.new_row_params(connection, values)
+    with sql.cursor(connection) as cursor:
+        cursor.execute(sql.statements(connection).insert_unless_taken, params)
+        if cursor.rowcount == 1:
+            return Inserted.CLAIMED, None
+        return Inserted.TAKEN, sql.fetch_row(connection, cursor, call.scope, call.key)
+
+
+def _insert_mysql(
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any]
+) -> tuple[Inserted, sql.Row | None]:
+    # Waits (bounded by _lock_wait) on another transaction's uncommitted row.
+    params = sql.new_row_params(connection, values)
+    try:
+        # A savepoint, so that a collision leaves the transaction usable.
+        with transaction.atomic(using=connection.alias), sql.cursor(connection) as cursor:
+            cursor.execute(sql.statements(connection).insert, params)
+    except IntegrityError:
+        with sql.cursor(connection) as cursor:
+            return Inserted.TAKEN, sql.fetch_row(connection, cursor, call.scope, call.key)
+    except OperationalError as exc:
+        if not _restart_after_deadlock(connection, exc):
+            raise
+        # The holder rolled back: wait for whoever claims next.
+        return Inserted.CONTENDED, None
+    return Inserted.CLAIMED, None
+
+
+_INSERTS: dict[str, Insert] = {
+    "postgresql": postgresql.insert,
+    "sqlite": _insert_sqlite,
+    "mysql": _insert_mysql,
+}
+
+
+def _wait_for_claimer(connection: BaseDatabaseWrapper, call: Call, policy: Policy) -> None:
+    """Wait (bounded) for the transaction that is claiming ``call``'s key to end."""
+    if connection.vendor == "postgresql":
+        postgresql.wait_for(connection, call, policy.wait, policy.retry_after)
+    # MariaDB/MySQL: the next insert waits on the new claimer's row itself.
+
+
+def _restart_after_deadlock(connection: BaseDatabaseWrapper, exc: OperationalError) -> bool:
+    """Whether a deadlock undid nothing but this claim, which may then go on.
+
+    Claims waiting on one uncommitted key deadlock in InnoDB when its
+    holder rolls back, and InnoDB rolls each victim's whole transaction
+    back. If that was the claim's own transaction (the only atomic block,
+    and the one that began it), nothing else was lost: the claim continues
+    in the transaction the server begins with the next statement.
+    """
+    deadlock = exc.args[:1] == (_MYSQL_DEADLOCK,)
+    own_transaction = len(connection.atomic_blocks) == 1 and connection.commit_on_exit
+    if not (deadlock and own_transaction):
+        return False
+    # Django could not roll back to the insert's savepoint (it went with
+    # the transaction) and so marked the block for rollback: undo that.
+    transaction.set_rollback(False, using=connection.alias)
+    return True
 
 
 def _snapshot(row: sql.Row) -> Snapshot:

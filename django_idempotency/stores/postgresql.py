@@ -16,7 +16,6 @@ the row it inserts is committed when the statement ends.
 
 from __future__ import annotations
 
-import enum
 import functools
 import hashlib
 from typing import Any
@@ -24,18 +23,10 @@ from typing import Any
 from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from django_idempotency.engine import Call
 from django_idempotency.exceptions import RequestInProgress
+from django_idempotency.protocol import Call
 from django_idempotency.stores import sql
-
-
-class Inserted(enum.Enum):
-    #: The row is ours.
-    CLAIMED = "claimed"
-    #: A committed row holds the key; nobody else is claiming it now.
-    TAKEN = "taken"
-    #: Another transaction is claiming the key at this moment.
-    CONTENDED = "contended"
+from django_idempotency.stores.sql import Inserted
 
 
 def lock_id(call: Call) -> int:

@@ -8,6 +8,7 @@ alias (quoted names, column types) and only the parameters change.
 
 from __future__ import annotations
 
+import enum
 import json
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -49,6 +50,17 @@ NEW_ROW_COLUMNS = (
     "created",
     "expires",
 )
+
+
+class Inserted(enum.Enum):
+    """What a vendor's claim insert did."""
+
+    #: The row is ours.
+    CLAIMED = "claimed"
+    #: A committed row holds the key; nobody else is claiming it now.
+    TAKEN = "taken"
+    #: Another transaction is claiming the key at this moment.
+    CONTENDED = "contended"
 
 
 class Row(NamedTuple):

@@ -13,7 +13,7 @@ from django_idempotency import sealing
 from django_idempotency.checks import check_encryption_keys
 from django_idempotency.management.commands.erase_idempotency_keys import _aliases
 from django_idempotency.management.commands.purge_idempotency_keys import _batch_size
-from django_idempotency.stores import get_store
+from django_idempotency.stores import build_store
 from django_idempotency.stores.database import DatabaseStore
 
 
@@ -52,7 +52,8 @@ class Command(BaseCommand):
         failed = False
         for alias in _aliases(options["store"]):
             try:
-                store = get_store(alias)
+                # A store of its own: the shared one must not change database.
+                store = build_store(alias)
                 if database is not None and isinstance(store, DatabaseStore):
                     store.database = database
                 done = store.reseal(dry_run=options["dry_run"], batch_size=options["batch_size"])
