@@ -16,14 +16,20 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3 \
 POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/idempotency
 MARIADB_URL ?= mysql://root@127.0.0.1:3306/idempotency
 PYTEST_ARGS ?=
-# The benchmark creates and drops this database (its name must contain "bench").
-BENCH_DATABASE_URL ?= sqlite:///$(CURDIR)/build/bench.sqlite3
+# The benchmark creates and drops its databases (their names must contain
+# "bench"). `make bench` runs it on all three, each result beside its chart in
+# docs/ (benchmarks-<database>.png, against benchmarks/baseline/<database>.json);
+# BENCH_DATABASE_URL=... runs it on that one database only.
+BENCH_POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/idempotency_bench
+BENCH_MARIADB_URL ?= mysql://root@127.0.0.1:3306/idempotency_bench
+BENCH_SQLITE_URL ?= sqlite:///$(CURDIR)/build/bench.sqlite3
+BENCH_DATABASE_URL ?=
 BENCH_ARGS ?=
 NOX_ARGS ?=
 
 # mysqlclient needs libmariadb-dev and pkg-config: installed only when needed.
 DRIVERS := $(if $(filter mysql%,$(DATABASE_URL)),$(VENV)/.installed-mysql)
-BENCH_DRIVERS := $(if $(filter mysql%,$(BENCH_DATABASE_URL)),$(VENV)/.installed-mysql)
+BENCH_DRIVERS := $(if $(BENCH_DATABASE_URL),$(if $(filter mysql%,$(BENCH_DATABASE_URL)),$(VENV)/.installed-mysql),$(VENV)/.installed-mysql)
 BENCH_REDIS := $(if $(REDIS_URL),--redis-url $(REDIS_URL))
 
 .PHONY: help install demo test test-all matrix lint docs bench bench-quick dist
@@ -35,7 +41,7 @@ help:
 	@echo "make matrix       the nox sessions: Django x Python, the wheel, no DRF (NOX_ARGS=...)"
 	@echo "make lint         ruff and mypy"
 	@echo "make docs         build the documentation into build/site (warnings are errors)"
-	@echo "make bench        the benchmark (BENCH_DATABASE_URL, REDIS_URL); bench-quick: smoke run"
+	@echo "make bench        the benchmark on PostgreSQL, MariaDB, SQLite (or BENCH_DATABASE_URL; REDIS_URL)"
 	@echo "make dist         build the sdist and wheel into dist/ and check them with twine"
 
 $(BIN)/python:
@@ -44,7 +50,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"  # for --group
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[drf,redis,spectacular]" --group test
+	$(BIN)/python -m pip install --quiet -e ".[drf,redis,spectacular,celery]" --group test
 	@touch $@
 
 $(VENV)/.installed-%: $(VENV)/.installed
@@ -81,7 +87,17 @@ docs: $(VENV)/.installed-docs
 
 bench: $(VENV)/.installed-bench $(BENCH_DRIVERS)
 	@mkdir -p build
+ifneq ($(BENCH_DATABASE_URL),)
 	$(BIN)/python benchmarks/run.py --database-url $(BENCH_DATABASE_URL) $(BENCH_REDIS) $(BENCH_ARGS)
+else
+	for run in postgresql=$(BENCH_POSTGRES_URL) mariadb=$(BENCH_MARIADB_URL) sqlite=$(BENCH_SQLITE_URL); do \
+		name=$${run%%=*}; \
+		$(BIN)/python benchmarks/run.py --database-url "$${run#*=}" $(BENCH_REDIS) $(BENCH_ARGS) \
+			--output build/bench-$$name.md --json build/bench-$$name.json \
+			--chart docs/benchmarks-$$name.png --baseline benchmarks/baseline/$$name.json \
+			|| exit 1; \
+	done
+endif
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS="--quick $(BENCH_ARGS)"

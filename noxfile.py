@@ -18,7 +18,7 @@ import nox
 # uv where installed (pip install uv, or the "nox" dependency group): its installs
 # take seconds where pip takes a minute per session.
 nox.options.default_venv_backend = "uv|venv"
-nox.options.sessions = ["tests", "wheel", "nodrf", "lint"]
+nox.options.sessions = ["tests", "postgres", "wheel", "nodrf", "lint"]
 
 ROOT = Path(__file__).resolve().parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
@@ -36,8 +36,13 @@ MATRIX = [
     *((python, django) for django in ("6.0", "6.1") for python in ("3.12", "3.13")),
 ]
 #: Run by ``make test`` in one environment, not in each cell of the matrix:
-#: the browser (Chromium), the wheel build and install, gunicorn on PostgreSQL.
-MATRIX_PYTEST_ARGS = ("-m", "not browser and not packaging and not multiprocess")
+#: the browser (Chromium), the wheel build and install, gunicorn on PostgreSQL,
+#: the task workers on real brokers, the Redis Cluster and PgBouncer tests.
+MATRIX_PYTEST_ARGS = (
+    "-m",
+    "not browser and not packaging and not multiprocess and not broker"
+    " and not redis_cluster and not pgbouncer",
+)
 
 
 def add_pyenv_interpreters() -> None:
@@ -74,6 +79,28 @@ def tests(session: nox.Session, django: str) -> None:
     """The test suite on one Python and Django version."""
     session.install("-e", ".[drf,redis]", *test_groups(), DJANGO[django], DRF[django])
     session.run("python", "-m", "pytest", *pytest_args(session))
+
+
+#: The oldest supported Python and Django (with the DRF beside it).
+OLDEST_PYTHON, OLDEST_DJANGO = "3.10", "5.2"
+SHOW_VERSIONS = "import django, rest_framework as drf; print(django.__version__, drf.VERSION)"
+
+
+@nox.session(python=OLDEST_PYTHON)
+def postgres(session: nox.Session) -> None:
+    """The oldest Python, Django and DRF we support, on PostgreSQL (``DATABASE_URL``).
+
+    The matrix runs on SQLite; here row locks, advisory locks, the store's SQL
+    and the multi-process tests (gunicorn) meet the oldest versions too.
+    """
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith(("postgres://", "postgresql://")):
+        session.skip("DATABASE_URL names no PostgreSQL database")
+    django = OLDEST_DJANGO
+    session.install("-e", ".[drf,redis]", *test_groups(), DJANGO[django], DRF[django])
+    session.run("python", "-c", SHOW_VERSIONS)
+    args = session.posargs or ("-m", "not browser and not packaging and not broker")
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *args)
 
 
 #: Fails unless django_idempotency comes from the environment's site-packages.

@@ -62,6 +62,9 @@ class Sample:
     elapsed: float = 0.0
     statuses: Counter[int] = field(default_factory=Counter)
     unexpected: int = 0
+    #: Median, p99 (seconds) and requests per second of each round, in order:
+    #: paired with the plain view's figures of the same round.
+    rounds: list[tuple[float, float, float]] = field(default_factory=list)
 
     def record(self, variant: Variant, latency: float, status: int, replayed: bool) -> None:
         self.latencies.append(latency)
@@ -75,6 +78,19 @@ class Sample:
         self.statuses += other.statuses
         self.unexpected += other.unexpected
         self.elapsed += other.elapsed
+        self.rounds += other.rounds
+
+    def close_round(self) -> Sample:
+        """Record this sample's figures as one round's; return the sample."""
+        self.rounds = [(self.median, self.p99, self.throughput)]
+        return self
+
+    def paired(self, plain: Sample, figure: int) -> list[float]:
+        """Per round, this sample's ``figure`` (0 median, 1 p99, 2 req/s) over the plain view's."""
+        return [
+            mine[figure] / theirs[figure]
+            for mine, theirs in zip(self.rounds, plain.rounds, strict=True)
+        ]
 
     @property
     def median(self) -> float:
@@ -123,7 +139,7 @@ def run_in_process(
         if clock is not None:
             sample.database.append(clock.seconds)
     sample.elapsed = time.perf_counter() - started
-    return sample
+    return sample.close_round()
 
 
 def run_http(
@@ -167,4 +183,4 @@ def run_http(
     total = Sample(elapsed=time.perf_counter() - started)
     for sample in samples:
         total.merge(sample)
-    return total
+    return total.close_round()

@@ -24,6 +24,7 @@ from benchmarks.clients import (
 )
 from benchmarks.server import gunicorn
 from benchmarks.statements import DatabaseClock, Statements, capture
+from benchmarks.wire import round_trips
 
 PLAIN = Variant("plain view", "/plain/", no_key)
 PLAIN_IN_TRANSACTION = Variant("plain view in transaction.atomic", "/plain-in-transaction/", no_key)
@@ -66,6 +67,8 @@ QUICK = Budget(
 @dataclass
 class Results:
     statements: dict[str, Statements] = field(default_factory=dict)
+    #: Round trips to the database server per request (``None``: SQLite, in-process).
+    round_trips: dict[str, int | None] = field(default_factory=dict)
     in_process: dict[str, Sample] = field(default_factory=dict)
     http: dict[int, dict[str, Sample]] = field(default_factory=dict)
     scaling: dict[int, dict[str, Sample]] = field(default_factory=dict)
@@ -99,15 +102,19 @@ def prime_replays(client: Client, variants: list[Variant]) -> None:
             assert response.status_code == 201, (variant.label, response.status_code)
 
 
-def count_statements(client: Client, variants: list[Variant]) -> dict[str, Statements]:
-    counted = {}
-    for variant in variants:
-        run_in_process(client, variant, 3)  # warm: connection, caches, prepared state
-        with capture(connections[DEFAULT_DB_ALIAS]) as captured:
-            sample = run_in_process(client, variant, 1)
-        assert sample.unexpected == 0, (variant.label, sample.statuses)
-        counted[variant.label] = captured[0]
-    return counted
+def count_statements(client: Client, variants: list[Variant], results: Results) -> None:
+    """One request of each variant, after warming up: its statements and round trips."""
+    connection = connections[DEFAULT_DB_ALIAS]
+    with round_trips(connection) as trips:
+        for variant in variants:
+            run_in_process(client, variant, 3)  # warm: connection, caches, prepared state
+            if trips is not None:
+                trips.reset()
+            with capture(connection) as captured:
+                sample = run_in_process(client, variant, 1)
+            assert sample.unexpected == 0, (variant.label, sample.statuses)
+            results.statements[variant.label] = captured[0]
+            results.round_trips[variant.label] = None if trips is None else trips.reset()
 
 
 def in_process(client: Client, variants: list[Variant], budget: Budget) -> dict[str, Sample]:

@@ -13,6 +13,7 @@ explains them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,6 +32,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: small and fast")
     parser.add_argument("--output", type=Path, help="also write the Markdown here")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--chart", type=Path, help="draw the results into this PNG (matplotlib)")
+    parser.add_argument(
+        "--baseline", type=Path, help="the --json of an earlier run: the chart's 'before'"
+    )
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="skip the stored-keys and purge phases (a million rows each)",
+    )
     parser.add_argument(
         "--view-queries",
         type=int,
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         results = phases.Results()
         _step("SQL statements")
         phases.prime_replays(client, variants)
-        results.statements = phases.count_statements(client, variants)
+        phases.count_statements(client, variants, results)
         _step("in-process latency")
         results.in_process = phases.in_process(client, variants, budget)
         _step("HTTP latency (gunicorn)")
@@ -94,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             "BENCH_VIEW_QUERIES": str(args.view_queries),
         }
         results.http = phases.over_http(variants, budget, args.workers, environ)
-        _step(f"stored keys: {budget.scale_sizes[0]:,} and {budget.scale_sizes[1]:,}")
-        results.scaling = phases.scaling(client, budget)
-        _step(f"purge of {budget.purge_keys:,} expired keys")
-        phases.purge(budget, results)
+        if not args.latency_only:
+            _step(f"stored keys: {budget.scale_sizes[0]:,} and {budget.scale_sizes[1]:,}")
+            results.scaling = phases.scaling(client, budget)
+            _step(f"purge of {budget.purge_keys:,} expired keys")
+            phases.purge(budget, results)
         title = f"{connection.display_name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        figures = report.to_json(results, title=title, vendor=connection.vendor)
         markdown = report.render(
             results,
             title=title,
@@ -114,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     if args.output:
         args.output.write_text(markdown)
+    if args.json:
+        report.write_json(args.json, figures)
+    if args.chart:
+        from benchmarks import charts
+
+        before = json.loads(args.baseline.read_text()) if args.baseline else None
+        charts.draw(figures, before, args.chart)
     return 0
 
 

@@ -25,6 +25,8 @@ INSTALLED_APPS = [
     "django_idempotency",
     "benchmarks",
 ]
+if importlib.util.find_spec("rest_framework") is not None:
+    INSTALLED_APPS.append("rest_framework")
 
 # What an API deployment typically runs; none of it queries the database for
 # an anonymous request without a session cookie.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import json
+from collections.abc import Sequence
 from datetime import date
 from typing import Any
 
@@ -21,15 +22,15 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import formats, timezone
 from django.utils.functional import cached_property
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.text import Truncator, capfirst
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
-from django_idempotency import purge, sealing
+from django_idempotency import outbox, purge, sealing
 from django_idempotency.exceptions import SnapshotUnreadable
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
 from django_idempotency.protocol import Call, Snapshot
 
 State = IdempotencyKey.State
@@ -141,10 +142,14 @@ class LightChangeList(ChangeList):
 def date_drilldown(cl: ChangeList) -> dict[str, Any]:
     """What Django's date hierarchy shows, without reading the whole table.
 
-    Django's own takes MIN and MAX of the column, then its DISTINCT days, on
-    every page: two full scans of an unindexed column. Here the bounds are the
-    dates of the oldest and newest keys by primary key (two index lookups),
-    and every period between them is offered, some possibly empty.
+    Django's own (the ``date_hierarchy`` template tag) cannot be used as it
+    is: on every page it takes MIN and MAX of the column, then
+    ``QuerySet.dates()``, a DISTINCT over every row of the chosen year or
+    month: full scans of an unindexed column that grow with the table, which
+    no list filter of Django's avoids either. Here the bounds are the dates of
+    the oldest and newest keys by primary key (two index lookups), and every
+    period between them is offered, some possibly empty. The filtering itself
+    stays Django's (``ChangeList`` turns the parameters into a range query).
     """
     name = cl.date_hierarchy
     verbose_name = getattr(cl.model._meta.get_field(name), "verbose_name", name)
@@ -162,6 +167,13 @@ def date_drilldown(cl: ChangeList) -> dict[str, Any]:
             year = first.year
             if first.month == last.month:
                 month = first.month
+    try:
+        # A date that does not exist (day 40, 31 November, month 13) selects
+        # no key; Django answers such a list without a drill-down, as here.
+        # A year, if unknown, is a leap year so that 29 February passes.
+        date(*(1 if part is None else part for part in (year or 2000, month, day)))
+    except ValueError:
+        return {"show": False}
 
     def link(filters: dict[str, Any]) -> str:
         return str(cl.get_query_string(filters, [f"{name}__"]))
@@ -238,8 +250,8 @@ def _days(year: int, month: int, bounds: tuple[date, date] | None) -> list[date]
 @admin.register(IdempotencyKey)
 class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
-        "key",
-        "scope",
+        "short_key",
+        "short_scope",
         "method",
         "short_path",
         "state",
@@ -247,6 +259,7 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "created",
         "expires",
     )
+    list_display_links = ("short_key",)
     list_filter = ("state", StatusClassFilter, MethodFilter, ExpiredFilter)
     search_fields = ("key", "scope", "path")
     search_help_text = _("Searches keys, scopes and paths.")
@@ -265,6 +278,7 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         (_("Claim"), {"fields": ("token", "locked_until")}),
         (_("Response"), {"fields": ("response_status", "headers", "body")}),
         (_("Dates"), {"fields": ("created", "completed", "expires")}),
+        (_("Steps and outbox"), {"fields": ("steps", "outbox_messages")}),
     )
     readonly_fields = (
         "key",
@@ -282,6 +296,8 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         "created",
         "completed",
         "expires",
+        "steps",
+        "outbox_messages",
     )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -305,9 +321,19 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return LightChangeList
 
+    # Keys, scopes and paths run to 255 characters: the list shows their start,
+    # the whole is in the cell's title (a tooltip, and there for copying).
+    @admin.display(description=_("key"))
+    def short_key(self, obj: IdempotencyKey) -> str:
+        return _shortened(obj.key, 32)
+
+    @admin.display(description=_("scope"))
+    def short_scope(self, obj: IdempotencyKey) -> str:
+        return _shortened(obj.scope, 24)
+
     @admin.display(description=_("path"))
     def short_path(self, obj: IdempotencyKey) -> str:
-        return Truncator(obj.path).chars(60)
+        return _shortened(obj.path, 40)
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
@@ -361,6 +387,14 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             )
         return render_body(snapshot.body)
 
+    @admin.display(description=_("steps"))
+    def steps(self, obj: IdempotencyKey) -> SafeString:
+        return render_steps(obj)
+
+    @admin.display(description=_("outbox messages"))
+    def outbox_messages(self, obj: IdempotencyKey) -> SafeString:
+        return render_outbox_messages(obj)
+
     @admin.action(description=_("Release selected in-progress keys"), permissions=["purge"])
     def release_in_progress(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         released = sum(purge.delete_in_batches(queryset.filter(state=State.IN_PROGRESS)))
@@ -390,6 +424,12 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         )
 
 
+def _shortened(value: str, length: int) -> str:
+    if len(value) <= length:
+        return value
+    return format_html('<span title="{}">{}</span>', value, Truncator(value).chars(length))
+
+
 def render_body(body: bytes) -> SafeString:
     """A stored body for people: JSON indented, text as text, binary in hex; escaped."""
     if not body:
@@ -401,7 +441,7 @@ def render_body(body: bytes) -> SafeString:
     try:
         text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
         kind = "JSON"
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deep to decode: shown as text
         kind = gettext("text")
         if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
             return _render_binary(body)
@@ -455,3 +495,139 @@ def _unsealed(obj: IdempotencyKey) -> Snapshot | None:
         return sealing.unseal(stored, Call(obj.scope, obj.key, ""))
     except SnapshotUnreadable:
         return None
+
+
+# Steps and the outbox ----------------------------------------------------------
+
+#: Rows shown on a key's page; a key with more is unusual enough to search for.
+RELATED_ROWS = 100
+
+
+def render_steps(key: IdempotencyKey) -> SafeString:
+    """The key's recorded steps as a table: name, result, when, expiry."""
+    steps = IdempotencyStep.objects.using(key._state.db).filter(scope=key.scope, key=key.key)
+    rows = [
+        (step.name, Truncator(step.result).chars(200), _when(step.created), _when(step.expires))
+        for step in steps.order_by("created", "pk")[:RELATED_ROWS]
+    ]
+    headings = (_("name"), _("result"), _("recorded"), _("expires"))
+    return _table(headings, rows, empty=gettext("No step recorded."))
+
+
+def render_outbox_messages(key: IdempotencyKey) -> SafeString:
+    """The messages the key's execution enqueued, with their delivery state."""
+    messages_ = OutboxMessage.objects.using(key._state.db).filter(
+        scope=key.scope, idempotency_key=key.key
+    )
+    rows = [
+        (
+            str(message.pk),
+            message.topic,
+            message.step or "-",
+            message.get_state_display(),
+            str(message.attempts),
+            message.last_error or "-",
+        )
+        for message in messages_.order_by("created")[:RELATED_ROWS]
+    ]
+    headings = (_("id"), _("topic"), _("step"), _("state"), _("attempts"), _("last error"))
+    return _table(headings, rows, empty=gettext("No message enqueued."))
+
+
+def _when(value: Any) -> str:
+    return str(formats.localize(timezone.localtime(value)))
+
+
+def _table(headings: tuple[Any, ...], rows: Sequence[tuple[Any, ...]], empty: str) -> SafeString:
+    if not rows:
+        return format_html("{}", empty)
+    head = format_html_join("", "<th>{}</th>", ((heading,) for heading in headings))
+    body = format_html_join(
+        "",
+        "<tr>{}</tr>",
+        ((format_html_join("", "<td>{}</td>", ((cell,) for cell in row)),) for row in rows),
+    )
+    return format_html("<table><thead><tr>{}</tr></thead><tbody>{}</tbody></table>", head, body)
+
+
+class FailingFilter(admin.SimpleListFilter):
+    title = _("delivery")
+    parameter_name = "delivery"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [("failing", _("failing (pending, with errors)"))]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "failing":
+            return queryset.filter(state=OutboxMessage.State.PENDING).exclude(last_error="")
+        return queryset
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Outbox messages, read-only; failing ones can be sent again at once."""
+
+    list_display = (
+        "id",
+        "topic",
+        "state",
+        "attempts",
+        "next_attempt",
+        "short_error",
+        "created",
+        "sent",
+    )
+    list_filter = ("state", FailingFilter, "topic")
+    search_fields = ("=id", "topic", "=idempotency_key")
+    search_help_text = _("Searches topics; message ids and keys exactly.")
+    ordering = ("-created",)
+    show_facets = admin.ShowFacets.NEVER
+    actions = ("retry_now",)
+    readonly_fields = (
+        "id",
+        "topic",
+        "payload_json",
+        "state",
+        "attempts",
+        "next_attempt",
+        "last_error",
+        "created",
+        "sent",
+        "scope",
+        "idempotency_key",
+        "step",
+    )
+    fields = readonly_fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A message deleted before it is sent is a follow-up silently lost.
+        return False
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        """Who may send messages again: those given the "change outbox message" permission."""
+        codename = get_permission_codename("change", self.opts)
+        return bool(request.user.has_perm(f"{self.opts.app_label}.{codename}"))
+
+    @admin.display(description=_("payload"))
+    def payload_json(self, obj: OutboxMessage) -> SafeString:
+        return format_html("<pre>{}</pre>", json.dumps(obj.payload, indent=2, ensure_ascii=False))
+
+    @admin.display(description=_("last error"))
+    def short_error(self, obj: OutboxMessage) -> str:
+        return Truncator(obj.last_error).chars(60) or "-"
+
+    @admin.action(description=_("Retry selected pending messages now"), permissions=["retry"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        count = outbox.retry_now(queryset.db, list(queryset.values_list("pk", flat=True)))
+        self.message_user(
+            request,
+            ngettext("%(count)d message is due now.", "%(count)d messages are due now.", count)
+            % {"count": count},
+            messages.SUCCESS,
+        )

@@ -12,11 +12,14 @@ class IdempotencyConfig(AppConfig):
 
     def ready(self) -> None:
         from django_idempotency import checks
+        from django_idempotency.tasks import check_celery_tasks
 
         register(checks.check_settings, Tags.compatibility)
         register(checks.check_views, Tags.urls)
         register(checks.check_encryption_keys, Tags.security)
         register(checks.check_stored_snapshots, Tags.database)
+        register(checks.check_outbox_and_steps, Tags.compatibility)
+        register(check_celery_tasks, Tags.compatibility)
 
         if apps.is_installed("drf_spectacular"):
             # Registers the extension that documents protected DRF views.

@@ -22,6 +22,7 @@ from django.utils.module_loading import import_string
 
 from django_idempotency.conf import app_settings
 from django_idempotency.decorators import handler_options
+from django_idempotency.policies import option_problems
 from django_idempotency.protocol import ATOMIC, MODES
 from django_idempotency.stores import get_store
 
@@ -180,7 +181,60 @@ def _check_stores(mode: str | None) -> list[CheckMessage]:
                     "Use an alias from DATABASES.",
                 )
             )
+        errors.extend(_check_prepare(alias, store))
     return errors + _check_sqlite()
+
+
+def _check_prepare(alias: str, store: Any) -> list[CheckMessage]:
+    """The database store's ``PREPARE`` option against the database's own settings."""
+    if not hasattr(store, "prepare"):
+        return []  # not a database store
+    from django_idempotency.models import IdempotencyKey
+
+    prepare = store.prepare
+    if prepare is not None and not isinstance(prepare, bool):
+        return [
+            _error(
+                46,
+                f"Idempotency store {alias!r}: OPTIONS['PREPARE'] must be True or False.",
+                "False for PgBouncer in transaction pooling mode before 1.21.",
+            )
+        ]
+    database = store.database or router.db_for_write(IdempotencyKey)
+    config = connections.settings.get(database, {})
+    if config.get("ENGINE") != "django.db.backends.postgresql":
+        return []
+    options = config.get("OPTIONS") or {}
+    threshold = options.get("prepare_threshold")
+    # PREPARE left to its default (None): prepared, unless the database's
+    # settings suggest a pooler that cannot have it. An explicit True says
+    # the pooler can.
+    if prepare is None and "prepare_threshold" in options and threshold is None:
+        reason = "its OPTIONS turn prepared statements off (prepare_threshold=None)"
+    elif prepare is None and config.get("DISABLE_SERVER_SIDE_CURSORS"):
+        reason = "DISABLE_SERVER_SIDE_CURSORS says a pooler in transaction mode may be in between"
+    elif prepare is False and threshold is not None:
+        return [
+            Warning(
+                f"Idempotency store {alias!r} has PREPARE False, but database {database!r} "
+                f"prepares every statement run {threshold} times (prepare_threshold), "
+                "the store's included.",
+                hint="Either the pooler supports prepared statements (then drop PREPARE) "
+                "or it does not (then drop prepare_threshold too).",
+                id="django_idempotency.W012",
+            )
+        ]
+    else:
+        return []
+    return [
+        Warning(
+            f"Idempotency store {alias!r} prepares its statements on the server, but "
+            f"for database {database!r} {reason}.",
+            hint="Behind PgBouncer in transaction pooling mode before 1.21, set the "
+            "store's OPTIONS['PREPARE'] = False; otherwise set it to True to say so.",
+            id="django_idempotency.W012",
+        )
+    ]
 
 
 def _check_sqlite() -> list[CheckMessage]:
@@ -192,8 +246,10 @@ def _check_sqlite() -> list[CheckMessage]:
     return [
         Warning(
             "Idempotency keys are stored in SQLite, which serialises all writers.",
-            hint="Fine for development and tests; concurrent duplicates get 409. "
-            "Use PostgreSQL or MariaDB in production.",
+            hint="Fine for development and tests. A concurrent duplicate waits for the "
+            "database lock, then replays (409 only after the connection's timeout), and "
+            "unrelated writes wait too. Use PostgreSQL or MariaDB in production; silence "
+            'it with SILENCED_SYSTEM_CHECKS = ["django_idempotency.W001"].',
             id="django_idempotency.W001",
         )
     ]
@@ -257,12 +313,17 @@ def check_views(**kwargs: Any) -> list[CheckMessage]:
     stores = app_settings.STORES
     if not isinstance(stores, dict):
         return []  # E010
+    mixin = _idempotency_mixin()
     try:
         patterns = get_resolver().url_patterns
-        views = list(_protected_views(patterns, _idempotency_mixin()))
+        views = list(_protected_views(patterns, mixin))
+        routed = _routed_mixin_views(patterns, mixin) if mixin is not None else {}
     except Exception:  # a broken URLconf: Django's own checks report it
         return []
     errors: list[CheckMessage] = []
+    for view_class, actions in routed.items():
+        errors.extend(_check_mixin_attributes(view_class))
+        errors.extend(_check_mixin_actions(view_class, actions))
     for name, mode, alias in dict.fromkeys(views):
         if alias is not None and alias not in stores:
             errors.append(
@@ -317,6 +378,75 @@ def _protections(view: Any, mixin: type | None) -> Iterator[tuple[str, str | Non
             yield f"{_name(view_class)}.{attribute}", options.mode, options.store
 
 
+def _routed_mixin_views(patterns: Iterable[Any], mixin: type) -> dict[type, set[str]]:
+    """Each ``IdempotencyMixin`` class the patterns route to, with its routed actions."""
+    found: dict[type, set[str]] = {}
+    for pattern in patterns:
+        if isinstance(pattern, URLResolver):
+            for view_class, actions in _routed_mixin_views(pattern.url_patterns, mixin).items():
+                found.setdefault(view_class, set()).update(actions)
+        elif isinstance(pattern, URLPattern):
+            routed_class = getattr(pattern.callback, "cls", None)
+            if isinstance(routed_class, type) and issubclass(routed_class, mixin):
+                # A router's callback maps HTTP methods to the viewset's actions.
+                routes: dict[str, str] = getattr(pattern.callback, "actions", None) or {}
+                found.setdefault(routed_class, set()).update(routes.values())
+    return found
+
+
+def _check_mixin_attributes(view_class: type) -> list[CheckMessage]:
+    values = {
+        name: _static_option(view_class, f"idempotency_{name}")
+        # The store is E020's.
+        for name in (
+            "methods",
+            "required",
+            "scope",
+            "fingerprint",
+            "retention",
+            "mode",
+            "lease",
+            "wait",
+        )
+    }
+    return [
+        _error(
+            25,
+            f"{_name(view_class)} has a bad idempotency option: {problem}",
+            "Fix the class attribute; get_idempotency_* hooks are checked on each request.",
+        )
+        for problem in option_problems(values, prefix="idempotency_")
+    ]
+
+
+def _static_option(view_class: type, attribute: str) -> Any:
+    # As the mixin reads scope and fingerprint: a plain function assigned in
+    # the class body is an option, not a method.
+    value = inspect.getattr_static(view_class, attribute, None)
+    return value.__func__ if isinstance(value, staticmethod) else value
+
+
+def _check_mixin_actions(view_class: type, routed: set[str]) -> list[CheckMessage]:
+    actions = getattr(view_class, "idempotency_actions", None)
+    if actions is None:
+        return []
+    if isinstance(actions, str) or not isinstance(actions, Iterable):
+        unknown = [repr(actions)]
+    else:
+        unknown = sorted(repr(a) for a in actions if a not in routed)
+    if not unknown:
+        return []
+    known = ", ".join(sorted(routed)) or "none: it is not a routed viewset"
+    return [
+        _error(
+            26,
+            f"{_name(view_class)} lists idempotency_actions {', '.join(unknown)}, which "
+            "the URLconf routes to no action of the view: they protect nothing.",
+            f"Give a collection of its action names (routed actions: {known}).",
+        )
+    ]
+
+
 def _name(view: Any) -> str:
     # __name__: DRF's @api_view names its view class after the function.
     return f"{view.__module__}.{getattr(view, '__name__', view)}"
@@ -337,6 +467,45 @@ def _supports_atomic(alias: str) -> bool:
     except Exception:  # E012 reports it
         return True
     return store.supports_atomic
+
+
+def check_outbox_and_steps(**kwargs: Any) -> list[CheckMessage]:
+    """Steps and the outbox: the sender, the retention, and where their tables live."""
+    from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
+
+    errors: list[CheckMessage] = []
+    sender = app_settings.OUTBOX_SENDER
+    if sender is not None and not _is_callable_path(sender):
+        errors.append(
+            _error(
+                30,
+                "IDEMPOTENCY_OUTBOX_SENDER must be a callable or its dotted path.",
+                "It is called as sender(message) with one OutboxMessage; it returns on "
+                "success and raises on failure. None leaves the relay command unusable.",
+            )
+        )
+    if not _is_seconds(app_settings.OUTBOX_RETENTION):
+        errors.append(
+            _error(
+                31,
+                "IDEMPOTENCY_OUTBOX_RETENTION must be a positive number of seconds.",
+                "Give seconds as a number or a datetime.timedelta (default: 7 days).",
+            )
+        )
+    keys = router.db_for_write(IdempotencyKey)
+    for model in (IdempotencyStep, OutboxMessage):
+        database = router.db_for_write(model)
+        if database != keys:
+            errors.append(
+                _error(
+                    32,
+                    f"{model.__name__} is routed to database {database!r}, idempotency keys "
+                    f"to {keys!r}.",
+                    "Steps and outbox messages are written in the transaction of the key "
+                    "they belong to: route them to the same database as IdempotencyKey.",
+                )
+            )
+    return errors
 
 
 # Encryption of stored outcomes ------------------------------------------------------------

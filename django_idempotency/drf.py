@@ -71,7 +71,15 @@ class IdempotencyMixin:
         name = (request.method or "").lower()
         handler = getattr(self, name, None)
         if handler is not None and self.is_idempotent_action(request):
-            options = self.get_idempotency_options(request)
+            try:
+                options = self.get_idempotency_options(request)
+            except ImproperlyConfigured as error:
+                # Seen only now: a get_idempotency_* hook decided it (class
+                # attributes are system check E025).
+                raise ImproperlyConfigured(
+                    f"{type(self).__name__}: an idempotency_* attribute or "
+                    f"get_idempotency_* hook gave a bad option for this request: {error}"
+                ) from error
             setattr(self, name, partial(_protected, handler, options))
 
     def is_idempotent_action(self, request: Request) -> bool:

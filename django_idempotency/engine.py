@@ -16,7 +16,8 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from asgiref.sync import sync_to_async
@@ -57,6 +58,7 @@ __all__ = [
     "Discard",
     "Execute",
     "Executed",
+    "Execution",
     "Guard",
     "Policy",
     "Replay",
@@ -64,6 +66,7 @@ __all__ = [
     "Snapshot",
     "aprotected",
     "async_mode_refusal",
+    "current_execution",
     "protected",
     "run",
     "run_async",
@@ -136,6 +139,44 @@ class Guard:
         return self.claim if isinstance(self.claim, Execute) else None
 
 
+@dataclass(frozen=True)
+class Execution:
+    """The claimed call whose protected code is running in this context.
+
+    Steps and the outbox (:mod:`django_idempotency.workflow`,
+    :mod:`django_idempotency.outbox`) read it through :func:`current_execution`,
+    so they need no argument threaded through the protected code.
+    """
+
+    call: Call
+    claim: Execute
+    store: Store
+    policy: Policy
+    #: What code running inside keeps for the length of the execution (steps reached).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+_execution: ContextVar[Execution | None] = ContextVar("idempotency_execution", default=None)
+
+
+def current_execution() -> Execution | None:
+    """The execution :func:`protected` is running here, if any (sync code only)."""
+    return _execution.get()
+
+
+@contextlib.contextmanager
+def _executing(store: Store, guard: Guard, policy: Policy) -> Iterator[None]:
+    claim = guard.execution
+    if claim is None:
+        yield
+        return
+    token = _execution.set(Execution(guard.call, claim, store, policy))
+    try:
+        yield
+    finally:
+        _execution.reset(token)
+
+
 def run(
     call: Call,
     policy: Policy,
@@ -193,13 +234,15 @@ def protected(call: Call, policy: Policy) -> Iterator[Guard]:
             with store.atomic():
                 guard = _guard(store, call, lambda: _claim(store, call, policy))
                 watch.claimed()
-                yield guard
+                with _executing(store, guard, policy):
+                    yield guard
                 outcome = _finish_atomic(store, guard, policy)
         else:
             guard = _guard(store, call, lambda: _claim_waiting(store, call, policy))
             watch.claimed()
             try:
-                yield guard
+                with _executing(store, guard, policy):
+                    yield guard
             except BaseException:
                 _release_quietly(store, guard)
                 raise

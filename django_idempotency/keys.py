@@ -2,7 +2,10 @@
 
 The IETF draft defines the value as a Structured Field String (``"abc"``);
 many clients send the bare form (``abc``). Both are accepted. A key is 1 to
-255 characters of printable ASCII (0x20 to 0x7E).
+255 characters of printable ASCII (0x20 to 0x7E). A bare key holds no comma:
+a server joins two ``Idempotency-Key`` fields into one value with a comma
+(RFC 9110, section 5.3), and a Structured Field parser reads that as a list,
+which is not a key. A comma inside a quoted key is part of it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ _OWS = " \t"
 def parse_key(value: str) -> str:
     """Return the key carried by a header value, or raise :class:`KeyMalformed`."""
     value = value.strip(_OWS)
-    key = _parse_sf_string(value) if value.startswith('"') else value
+    if value.startswith('"'):
+        key = _parse_sf_string(value)
+    elif "," in value:
+        raise KeyMalformed("The request carries more than one idempotency key.")
+    else:
+        key = value
     if not key:
         raise KeyMalformed("The idempotency key is empty.")
     if len(key) > MAX_KEY_LENGTH:

@@ -8,8 +8,10 @@ the first request arrives.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, fields
 from datetime import timedelta
+from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -31,16 +33,10 @@ class ProtocolOptions:
     store: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode is not None and self.mode not in MODES:
-            raise ImproperlyConfigured(
-                f"mode must be one of {', '.join(MODES)}, not {self.mode!r}."
-            )
-        for name in ("retention", "lease"):
-            value = getattr(self, name)
-            if value is not None and to_seconds(value) <= 0:
-                raise ImproperlyConfigured(f"{name} must be positive, not {value!r}.")
-        if self.wait is not None and to_seconds(self.wait) < 0:
-            raise ImproperlyConfigured(f"wait must be zero or positive, not {self.wait!r}.")
+        # Subclasses' fields (a view's methods, scope...) are checked too.
+        problems = option_problems({f.name: getattr(self, f.name) for f in fields(self)})
+        if problems:
+            raise ImproperlyConfigured(" ".join(problems))
 
     def policy(self) -> Policy:
         """The engine's policy, the settings read now (``override_settings`` applies)."""
@@ -57,6 +53,63 @@ class ProtocolOptions:
             store=self.store or app_settings.STORE,
             retry_after=int(app_settings.RETRY_AFTER),
         )
+
+
+_HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "POST", "PUT", "PATCH", "DELETE"})
+
+
+def option_problems(options: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """What is wrong with per-view or per-function ``options`` (``None``: "the setting").
+
+    ``prefix`` names them as the caller wrote them (``idempotency_`` for the
+    DRF mixin's class attributes). Shared by the options and the system checks.
+    """
+    problems: list[str] = []
+
+    def wrong(name: str, expected: str) -> None:
+        problems.append(f"{prefix}{name} must be {expected}, not {options[name]!r}.")
+
+    def given(name: str) -> bool:
+        return options.get(name) is not None
+
+    if given("methods"):
+        methods = options["methods"]
+        if isinstance(methods, str):
+            wrong(
+                "methods",
+                f'a collection of HTTP methods such as {prefix}methods=("{methods.upper()}",)',
+            )
+        elif not isinstance(methods, Collection) or not all(
+            isinstance(m, str) and m.upper() in _HTTP_METHODS for m in methods
+        ):
+            wrong(
+                "methods", f"a collection of HTTP methods among {', '.join(sorted(_HTTP_METHODS))}"
+            )
+    if given("required") and not isinstance(options["required"], bool):
+        wrong("required", "True, False or None")
+    for name in ("scope", "fingerprint"):
+        if given(name) and not (callable(options[name]) or isinstance(options[name], str)):
+            wrong(name, "a callable taking the request, or its dotted path")
+    for name, least in (("retention", "positive"), ("lease", "positive"), ("wait", "zero or more")):
+        if given(name) and not _is_seconds(options[name], allow_zero=least != "positive"):
+            wrong(name, f"{least} seconds (a number or a timedelta)")
+    if given("mode") and options["mode"] not in MODES:
+        wrong("mode", f"one of {', '.join(MODES)}")
+    if given("store"):
+        stores = app_settings.STORES
+        if not isinstance(options["store"], str):
+            wrong("store", "an alias of IDEMPOTENCY_STORES")
+        elif isinstance(stores, Mapping) and options["store"] not in stores:
+            wrong("store", f"an alias of IDEMPOTENCY_STORES ({', '.join(map(repr, stores))})")
+    return problems
+
+
+def _is_seconds(value: Any, *, allow_zero: bool) -> bool:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value >= 0 if allow_zero else value > 0
 
 
 def fit_scope(scope: str) -> str:

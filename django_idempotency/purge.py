@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import connections, transaction
 from django.db.models import Q, QuerySet
 
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import IdempotencyKey, OutboxMessage
 
 State = IdempotencyKey.State
 
@@ -44,8 +45,18 @@ def stale(now: datetime, grace: timedelta = DEFAULT_STALE_GRACE) -> Q:
     return Q(state=State.IN_PROGRESS, locked_until__lte=now - grace)
 
 
+def expired_steps(now: datetime, older_than: timedelta = timedelta(0)) -> Q:
+    """Steps past their retention: their key is new again, and so are they."""
+    return Q(expires__lte=now - older_than)
+
+
+def sent_messages(now: datetime, retention: timedelta) -> Q:
+    """Outbox messages sent more than ``retention`` ago. Unsent ones are never purged."""
+    return Q(state=OutboxMessage.State.SENT, sent__lte=now - retention)
+
+
 def delete_in_batches(
-    queryset: QuerySet[IdempotencyKey], batch_size: int = DEFAULT_BATCH_SIZE
+    queryset: QuerySet[Any], batch_size: int = DEFAULT_BATCH_SIZE, order_by: str = "expires"
 ) -> Iterator[int]:
     """Delete the rows of ``queryset``, ``batch_size`` at a time; yield each batch's count.
 
@@ -62,7 +73,7 @@ def delete_in_batches(
         with transaction.atomic(using=database):
             batch = list(
                 queryset.select_for_update(skip_locked=skip_locked)
-                .order_by("expires")
+                .order_by(order_by)
                 .values_list("pk", flat=True)[:batch_size]
             )
             if not batch:

@@ -19,6 +19,9 @@ conflict = Signal()
 mismatch = Signal()
 #: An in-progress claim whose lease had ended was taken over.
 takeover = Signal()
+#: A step's result was recorded (in lease mode, once its transaction committed;
+#: in atomic mode it commits with the request); sent with ``name`` as well.
+step_completed = Signal()
 #: A protected call ended, however it ended. Also sent: ``store`` (alias),
 #: ``mode``, ``outcome`` (one of ``engine.OUTCOMES``: executed, replayed,
 #: conflict, mismatch, refused, takeover, lease_lost, released, unprotected),

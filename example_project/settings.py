@@ -83,6 +83,21 @@ if os.environ.get("REDIS_URL"):
         "OPTIONS": {"CACHE": "redis"},
     }
 
+# Celery (example_project/celery.py): `celery -A example_project worker`.
+# RabbitMQ by default; CELERY_BROKER_URL=redis://127.0.0.1:6379/0 for Redis.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "shop")
+# A message is acknowledged after its task ran, and delivered again when the
+# worker process died: safe because the tasks are idempotent.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# One message at a time per process: a crash puts back one, not a batch.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_IGNORE_RESULT = True
+# Redis only: a message not acknowledged within this time is delivered again.
+# Longer than any task runs; the idempotent task makes an early one harmless.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
 TIME_ZONE = "UTC"
@@ -103,6 +118,9 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_METHODS = ["POST", "PATCH"]
 IDEMPOTENCY_RETENTION = 24 * 60 * 60
 
+# Where manage.py relay_idempotency_outbox sends outbox messages.
+IDEMPOTENCY_OUTBOX_SENDER = "example_project.shop.outbox.deliver"
+
 # Latency of the fake payment provider, in seconds (see shop/provider.py).
 SHOP_PROVIDER_DELAY = float(os.environ.get("SHOP_PROVIDER_DELAY", "0"))
 
@@ -110,7 +128,10 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"django_idempotency": {"handlers": ["console"], "level": "INFO"}},
+    # Not propagated: under a Celery worker, whose root handler would print it again.
+    "loggers": {
+        "django_idempotency": {"handlers": ["console"], "level": "INFO", "propagate": False}
+    },
 }
 
 # The demo runs on SQLite knowingly; the warning is for deployments.

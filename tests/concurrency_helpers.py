@@ -173,11 +173,14 @@ def lock_waiters() -> int | None:
                 " WHERE datname = current_database() AND wait_event_type = 'Lock'"
             )
         elif connection.vendor == "mysql":
+            # Row lock waits in InnoDB, and waits for a named lock (GET_LOCK).
             cursor.execute(
-                "SELECT count(*) FROM information_schema.innodb_trx AS trx"
+                "SELECT (SELECT count(*) FROM information_schema.innodb_trx AS trx"
                 " JOIN information_schema.processlist AS process"
                 " ON process.id = trx.trx_mysql_thread_id"
-                " WHERE trx.trx_state = 'LOCK WAIT' AND process.db = DATABASE()"
+                " WHERE trx.trx_state = 'LOCK WAIT' AND process.db = DATABASE())"
+                " + (SELECT count(*) FROM information_schema.processlist"
+                " WHERE state = 'User lock' AND db = DATABASE())"
             )
         else:
             return None

@@ -19,29 +19,16 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from django_idempotency.fingerprints import request_fingerprint
 from tests.factories import UserFactory
+
+# REQUIRE_MARKERS: skips of the required markers' tests are failures (hooks, found by name).
+from tests.required_markers import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
+from tests.servers import pgbouncer_server_fixture, redis_cluster_server_fixture  # noqa: F401
 from tests.testapp import views
 
 # Nothing of hypothesis' in the working tree (examples, Unicode tables).
 set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "django-idempotency-hypothesis"))
 hypothesis_settings.register_profile("django-idempotency", database=None, deadline=None)
 hypothesis_settings.load_profile("django-idempotency")
-
-#: Markers whose tests must run, not skip (comma-separated, e.g. "browser,multiprocess"):
-#: CI sets it so that a missing Chromium or PostgreSQL fails the run instead of
-#: passing it with the tests skipped.
-REQUIRED_MARKERS = frozenset(filter(None, os.environ.get("REQUIRE_MARKERS", "").split(",")))
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    report = yield
-    required = sorted(REQUIRED_MARKERS.intersection(mark.name for mark in item.iter_markers()))
-    if report.skipped and required and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.outcome = "failed"
-        report.longrepr = f"skipped, but REQUIRE_MARKERS requires {', '.join(required)}: {reason}"
-    return report
-
 
 #: A second database alias, created only for the tests that ask for it
 #: (``@pytest.mark.django_db(databases=[...])``): keys routed away from "default".

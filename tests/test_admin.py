@@ -204,6 +204,32 @@ def test_date_hierarchy_starts_at_the_narrowest_level(
     assert date_links(admin_client) == ("2026", ["March 15", "March 16", "March 17"])
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"created__day": 40},
+        {"created__day": 0},
+        {"created__month": 2, "created__day": 30},
+        {"created__month": 11, "created__day": 31},
+        {"created__month": 13},
+        {"created__month": 0},
+        {"created__year": 2026, "created__month": 13},
+        {"created__year": 2026, "created__month": 4, "created__day": 31},
+        {"created__year": 0},
+        {"created__year": 99999},
+        {"created__day": "x"},
+    ],
+    ids=str,
+)
+def test_date_hierarchy_answers_invalid_dates_without_an_error(
+    admin_client: Client, frozen_now: None, params: dict[str, Any]
+) -> None:
+    # All keys in one month: the drill-down fills in the year and month itself.
+    IdempotencyKeyFactory()
+    response = admin_client.get(reverse(CHANGELIST), params, follow=True)
+    assert response.status_code == 200
+
+
 def test_date_hierarchy_of_an_empty_table(admin_client: Client) -> None:
     assert date_links(admin_client) == (None, [])
 
@@ -257,6 +283,37 @@ def test_detail_truncates_long_bodies(admin_client: Client) -> None:
     assert "x" * limit in content
     assert "x" * (limit + 1) not in content
     assert "(500 more characters not shown)" in content
+
+
+def test_detail_shows_deeply_nested_json_as_text(admin_client: Client) -> None:
+    body = b"[" * 10_000 + b"]" * 10_000
+    row = IdempotencyKeyFactory(response_body=body)
+
+    content = detail(admin_client, row)
+
+    assert "text, 20000 bytes" in content
+    assert "[[[[" in content
+
+
+def test_list_truncates_long_keys_scopes_and_paths_with_the_whole_in_a_title(
+    admin_client: Client,
+) -> None:
+    long_key, long_scope, long_path = "k" * 255, "tenant:" + "s" * 248, "/orders/" + "p" * 247
+    IdempotencyKeyFactory(key=long_key, scope=long_scope, path=long_path)
+
+    content = admin_client.get(reverse(CHANGELIST)).content.decode()
+
+    for value in (long_key, long_scope, long_path):
+        assert f'title="{value}"' in content
+        assert f">{value}<" not in content
+        assert f'title="{value}">{value[:20]}' in content
+    assert "…</span>" in content
+
+
+def test_list_escapes_the_titles(admin_client: Client) -> None:
+    IdempotencyKeyFactory(key='"><script>alert(1)</script>' + "k" * 60)
+    content = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert "<script>alert(1)" not in content
 
 
 def test_detail_of_an_in_progress_key(admin_client: Client) -> None:

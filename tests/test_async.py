@@ -27,6 +27,8 @@ from django.views import View
 
 from django_idempotency.decorators import idempotent
 from django_idempotency.models import IdempotencyKey
+from django_idempotency.protocol import Call, Claim, Policy
+from django_idempotency.stores import get_store
 from tests.factories import UserFactory
 from tests.lease_stores import (
     DATABASE,
@@ -164,6 +166,32 @@ def test_a_safe_method_is_untouched(lease_store: str) -> None:
     assert not response.has_header("Idempotent-Replayed")
 
 
+@pytest.mark.parametrize("key", ["", "k" * 256, "caf\u00e9", "a1,a2", '"unclosed'])
+@pytest.mark.parametrize("url", ["/async/", "/async/cbv/"])
+def test_a_malformed_key_is_400_and_nothing_runs(lease_store: str, url: str, key: str) -> None:
+    async def scenario() -> HttpResponseBase:
+        return await post(key=key, path=url)
+
+    response = run(scenario)
+
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/problem+json"
+    assert json.loads(response.content)["type"].endswith(":key-malformed")  # type: ignore[attr-defined]
+    assert orders() == 0
+
+
+@pytest.mark.parametrize("status", [401, 403, 408, 429])
+def test_a_status_a_retry_may_fix_keeps_nothing(lease_store: str, status: int) -> None:
+    async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:
+        return await post({"status": status}), await post({"status": status})
+
+    refused, retry = run(scenario)
+
+    assert refused.status_code == retry.status_code == status
+    assert not retry.has_header("Idempotent-Replayed")
+    assert orders() == 2
+
+
 @pytest.mark.parametrize("data", [{"raise": True}, {"status": 503}], ids=["raises", "503"])
 def test_a_failure_frees_the_key(lease_store: str, data: dict[str, Any]) -> None:
     async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:
@@ -205,7 +233,19 @@ def test_a_duplicate_while_the_first_awaits_gets_409(lease_store: str) -> None:
     assert orders() == 1
 
 
-def test_a_waiting_duplicate_replays_once_the_first_completes(lease_store: str) -> None:
+def test_a_waiting_duplicate_replays_once_the_first_completes(
+    lease_store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store_class = type(get_store(lease_store))
+    claim = store_class.claim
+    attempts: list[Call] = []
+
+    def counted_claim(self: Any, call: Call, policy: Policy) -> Claim:
+        attempts.append(call)
+        return claim(self, call, policy)
+
+    monkeypatch.setattr(store_class, "claim", counted_claim)
+
     async def scenario() -> tuple[HttpResponseBase, HttpResponseBase]:
         entered, resume = asyncio.Event(), asyncio.Event()
 
@@ -218,9 +258,15 @@ def test_a_waiting_duplicate_replays_once_the_first_completes(lease_store: str) 
         await entered.wait()
         inside.clear()
         duplicate = asyncio.ensure_future(post(path="/async/waiting/"))
+
         # The duplicate polls with asyncio.sleep: the loop stays free, so the
-        # first request can finish while the duplicate waits.
-        await asyncio.sleep(0.2)
+        # first request can finish while the duplicate waits. Its attempts are
+        # counted: the first request's claim, then two of the duplicate's.
+        async def polled_twice() -> None:
+            while len(attempts) < 3:
+                await asyncio.sleep(0.005)  # lets the duplicate's polls run
+
+        await asyncio.wait_for(polled_twice(), timeout=30)
         assert not duplicate.done()
         resume.set()
         return await first, await duplicate

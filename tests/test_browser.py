@@ -94,3 +94,32 @@ def test_admin_list_and_detail_in_chromium(
     page.screenshot(
         path=os.environ.get("SCREENSHOT_DIR", "/tmp") + "/idempotency-detail.png", full_page=True
     )
+
+
+@pytest.fixture
+def long_values() -> dict[str, str]:
+    values = {"key": "k" * 255, "scope": "tenant:" + "s" * 248, "path": "/orders/" + "p" * 247}
+    IdempotencyKeyFactory(**values)
+    return values
+
+
+def test_admin_list_fits_long_keys_scopes_and_paths(
+    live_server: Any, long_values: dict[str, str], page: Any
+) -> None:
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/django_idempotency/idempotencykey/")
+    page.fill("#id_username", "admin")
+    page.fill("#id_password", "password")
+    page.click("input[type=submit]")
+    page.wait_for_selector("#result_list")
+
+    page.screenshot(path=os.environ.get("SCREENSHOT_DIR", "/tmp") + "/idempotency-long.png")
+    row = page.locator("#result_list tbody tr", has=page.locator(f"[title='{long_values['key']}']"))
+    for value in long_values.values():
+        cell = row.locator(f"[title='{value}']")
+        assert cell.count() == 1
+        # A 255-character value unshortened is over 1,500 pixels wide.
+        assert cell.bounding_box()["width"] < 320
+        shown = cell.inner_text()
+        assert shown.endswith("…")
+        assert value.startswith(shown[:-1])

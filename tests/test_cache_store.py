@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -339,34 +344,94 @@ def test_fail_open_runs_an_idempotent_function(unreachable: dict[str, Any]) -> N
     assert calls == [1, 1]
 
 
-def test_redis_going_away_after_the_claim_still_returns_the_result(
-    redis_store: CacheStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def unreachable(*args: Any, **kwargs: Any) -> bool:
-        raise StoreUnavailable("gone")
+@pytest.fixture
+def own_redis(settings: Any, closed_port: int) -> Iterator[Callable[[], None]]:
+    """A Redis server of the test's own on a free port; calling the fixture kills it.
 
-    monkeypatch.setattr(CacheStore, "complete", unreachable)
+    The store alias "own" lives on it, so that the test can lose Redis for
+    real between two store operations, whatever else uses the shared Redis.
+    """
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server (apt-get install redis-server)")
+    options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(closed_port), *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_until_listening(closed_port)
+        settings.CACHES = {
+            **settings.CACHES,
+            "own": {
+                "BACKEND": "django_redis.cache.RedisCache",
+                "LOCATION": f"redis://127.0.0.1:{closed_port}/0",
+                "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 1},
+            },
+        }
+        settings.IDEMPOTENCY_STORES = {
+            **STORES,
+            "own": {"BACKEND": REDIS_BACKEND, "OPTIONS": {"CACHE": "own"}},
+        }
+
+        def stop() -> None:
+            server.kill()
+            server.wait(timeout=10)
+
+        yield stop
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+def _wait_until_listening(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+                connection.sendall(b"PING\r\n")
+                if connection.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.02)  # the server is starting: poll, bounded
+
+
+OWN = replace(POLICY, store="own")
+
+
+def test_redis_going_away_after_the_claim_still_returns_the_result(
+    own_redis: Callable[[], None], caplog: pytest.LogCaptureFixture
+) -> None:
+    def view() -> str:
+        own_redis()  # Redis dies while the view runs: the claim is made, completion fails
+        return "done"
 
     with caplog.at_level(logging.ERROR, logger="django_idempotency"):
-        outcome = run(CALL, POLICY, lambda: "done", lambda result: Snapshot(200))
+        outcome = run(CALL, OWN, view, lambda result: Snapshot(200))
 
     assert outcome.result == "done"  # type: ignore[union-attr]
     assert "was not stored" in caplog.text
 
 
 def test_redis_going_away_while_releasing_keeps_the_original_error(
-    redis_store: CacheStore, monkeypatch: pytest.MonkeyPatch
+    own_redis: Callable[[], None],
 ) -> None:
-    def unreachable(*args: Any, **kwargs: Any) -> None:
-        raise StoreUnavailable("gone")
-
     def fail() -> None:
+        own_redis()
         raise ValueError("the protected code failed")
 
-    monkeypatch.setattr(CacheStore, "release", unreachable)
-
     with pytest.raises(ValueError, match="protected code failed"):
-        run(CALL, POLICY, fail, lambda result: Snapshot(200))
+        run(CALL, OWN, fail, lambda result: Snapshot(200))
+
+
+def test_a_redis_that_is_down_from_the_start_is_503_not_500(
+    own_redis: Callable[[], None],
+) -> None:
+    own_redis()
+    with pytest.raises(StoreUnavailable):
+        run(CALL, OWN, lambda: "never", lambda result: Snapshot(200))
 
 
 # Configuration -----------------------------------------------------------------

@@ -180,12 +180,27 @@ def test_views_with_a_store_or_mode_that_cannot_work_are_reported() -> None:
     found = view_errors(ROOT_URLCONF=MISCONFIGURED, IDEMPOTENCY_STORES=WITH_LEASE_ONLY)
 
     assert found == {
-        "unknown_store": {"django_idempotency.E020"},
-        "api_unknown_store.post": {"django_idempotency.E020"},
+        "MixinUnknownStore": {"django_idempotency.E020"},
         "atomic_on_lease_only": {"django_idempotency.E021"},
         "AtomicOnLeaseOnlyView.post": {"django_idempotency.E021"},
         "MixinOnLeaseOnly": {"django_idempotency.E021"},
+        "MixinBadAttributes": {"django_idempotency.E025"},
+        "TypoActionViewSet": {"django_idempotency.E026"},
+        "ActionsStringViewSet": {"django_idempotency.E026"},
+        "ActionsOnAnAPIView": {"django_idempotency.E026"},
     }
+
+
+def test_each_bad_mixin_attribute_and_unknown_action_is_named() -> None:
+    with override_settings(ROOT_URLCONF=MISCONFIGURED, IDEMPOTENCY_STORES=WITH_LEASE_ONLY):
+        messages = {
+            m.msg for m in check_views() if m.id in {f"django_idempotency.E02{n}" for n in (5, 6)}
+        }
+    text = "\n".join(sorted(messages))
+    for fragment in ("idempotency_methods", "idempotency_wait", "idempotency_scope", "'craete'"):
+        assert fragment in text
+    assert "'refund'" not in text
+    assert 'idempotency_methods=("POST",)' in text
 
 
 def test_a_global_atomic_mode_applies_to_views_that_name_a_lease_only_store() -> None:
@@ -211,3 +226,50 @@ def test_the_view_checks_run_with_the_urls_tag() -> None:
         messages = run_checks(tags=["urls"])
 
     assert {"django_idempotency.E020", "django_idempotency.E021"} <= {m.id for m in messages}
+
+
+def prepare_warnings(prepare: Any, database_options: dict[str, Any], **database: Any) -> set[str]:
+    """W012 and E046 for a database store with ``PREPARE`` (absent: ``...``) on PostgreSQL."""
+    from django.db import connections
+
+    options: dict[str, Any] = {"DATABASE": "checked"}
+    if prepare is not ...:
+        options["PREPARE"] = prepare
+    stores = {"default": {"BACKEND": DATABASE_STORE, "OPTIONS": options}}
+    checked = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": "unused",
+        "OPTIONS": database_options,
+        **database,
+    }
+    # The checks read a database's settings and never connect to it: one more
+    # alias in them is enough, without overriding DATABASES.
+    saved = connections.settings
+    connections.settings = {**saved, "checked": checked}
+    try:
+        found = ids(IDEMPOTENCY_STORES=stores)
+    finally:
+        connections.settings = saved
+    return {id_ for id_ in found if id_.endswith(("W012", "E046"))}
+
+
+@pytest.mark.parametrize(
+    ("prepare", "database_options", "database", "expected"),
+    [
+        (..., {}, {}, set()),  # Django's defaults: the store prepares its own statements
+        (True, {"prepare_threshold": None}, {}, set()),  # said explicitly: the pooler can
+        (False, {}, {}, set()),
+        (False, {"prepare_threshold": None}, {}, set()),
+        (True, {"prepare_threshold": 5}, {}, set()),
+        (..., {"prepare_threshold": None}, {}, {"W012"}),  # prepares turned off on purpose
+        (..., {}, {"DISABLE_SERVER_SIDE_CURSORS": True}, {"W012"}),  # a transaction pooler
+        (False, {"prepare_threshold": 5}, {}, {"W012"}),  # the connection prepares anyway
+        ("no", {}, {}, {"E046"}),
+    ],
+)
+def test_the_database_stores_prepare_option_against_the_databases_settings(
+    prepare: Any, database_options: dict[str, Any], database: dict[str, Any], expected: set[str]
+) -> None:
+    found = prepare_warnings(prepare, database_options, **database)
+
+    assert found == {f"django_idempotency.{id_}" for id_ in expected}

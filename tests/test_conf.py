@@ -104,3 +104,21 @@ def test_load_callable_takes_a_callable_or_its_dotted_path() -> None:
 )
 def test_to_seconds(value: Any, seconds: float) -> None:
     assert to_seconds(value) == seconds
+
+
+def test_a_setting_read_before_an_override_is_read_afresh_inside_and_after_it() -> None:
+    assert app_settings.WAIT == 0  # read, and kept
+
+    with override_settings(IDEMPOTENCY_WAIT=5):
+        assert app_settings.WAIT == 5
+        with override_settings(IDEMPOTENCY_WAIT=7):
+            assert app_settings.WAIT == 7
+        assert app_settings.WAIT == 5
+
+    assert app_settings.WAIT == 0
+
+
+def test_a_dotted_path_is_imported_once_and_then_served_as_the_same_object() -> None:
+    path = "django_idempotency.scopes.user_scope"
+
+    assert load_callable(path) is load_callable(path) is user_scope

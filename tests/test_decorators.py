@@ -19,7 +19,7 @@ from django.http import HttpResponse
 from django.test import Client
 from django.utils import timezone
 
-from django_idempotency.decorators import Options, idempotent
+from django_idempotency.decorators import Options, idempotent, idempotent_function
 from django_idempotency.engine import protected
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.protocol import Call, Snapshot
@@ -514,12 +514,54 @@ def test_decorator_keeps_the_view_name() -> None:
         {"lease": -1},
         {"wait": -1},
         {"retention": timedelta(0)},
+        {"methods": "POST"},
+        {"methods": "post"},
+        {"methods": ["POST", "PSOT"]},
+        {"methods": ["POST", 1]},
+        {"methods": 1},
+        {"required": "yes"},
+        {"scope": 42},
+        {"fingerprint": object()},
+        {"retention": "24h"},
+        {"retention": True},
+        {"lease": timedelta(seconds=-5)},
+        {"wait": "5"},
+        {"store": "nowhere"},
+        {"store": 42},
+        {"mode": 1},
     ],
     ids=str,
 )
 def test_bad_options_are_refused_at_decoration_time(options: dict[str, Any]) -> None:
     with pytest.raises(ImproperlyConfigured):
         idempotent(**options)
+
+
+def test_a_methods_string_names_what_was_meant() -> None:
+    with pytest.raises(ImproperlyConfigured, match=r'methods=\("POST",\)'):
+        idempotent(methods="POST")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"methods": ["post", "PUT", "delete", "PATCH"]},
+        {"methods": ("POST", "GET")},
+        {"methods": frozenset({"POST"})},
+        {"scope": "tests.testapp.variants.tenant_scope"},
+        {"fingerprint": lambda request: "x"},
+        {"retention": timedelta(hours=1), "lease": 0.5, "wait": 0},
+        {"store": "default"},
+    ],
+    ids=str,
+)
+def test_good_options_are_accepted(options: dict[str, Any]) -> None:
+    assert idempotent(**options)
+
+
+def test_a_bad_function_option_is_refused_when_decorated() -> None:
+    with pytest.raises(ImproperlyConfigured, match="store"):
+        idempotent_function(key=lambda n: n, store="nowhere")
 
 
 @pytest.mark.django_db

@@ -292,3 +292,22 @@ def test_a_raised_api_exception_keeps_nothing_and_rolls_back(user_client: Client
     assert "Idempotent-Replayed" not in retry
     assert not IdempotencyKey.objects.exists()
     assert Order.objects.count() == 0
+
+
+def test_a_hook_returning_a_bad_option_is_a_clear_error_not_an_unprotected_view(
+    user: Any,
+) -> None:
+    from rest_framework.test import APIRequestFactory, force_authenticate
+
+    from tests.testapp.views import OrderViewSet
+
+    class MethodsAsString(OrderViewSet):
+        def get_idempotency_methods(self, request: Any) -> Any:
+            return "POST"
+
+    request = APIRequestFactory().post("/", {"item": "x"}, format="json")
+    force_authenticate(request, user)
+    view = MethodsAsString.as_view({"post": "create"})
+    with pytest.raises(ImproperlyConfigured, match=r"MethodsAsString.*get_idempotency_\*"):
+        view(request)
+    assert Order.objects.count() == 0

@@ -13,7 +13,7 @@ from django.core.management.base import CommandError
 from django.test import Client
 
 from django_idempotency.erasure import erase_scope, erase_user
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
 from django_idempotency.scopes import ANONYMOUS_SCOPE
 from django_idempotency.stores import Store, cache
 from tests.conftest import scope_of
@@ -133,3 +133,37 @@ def test_the_command_refuses_bad_input(settings: Any, arguments: list[str], mess
 
 def test_scan_patterns_match_a_key_prefix_literally() -> None:
     assert cache._glob_escape("a*b?[c]\\d") == "a\\*b\\?\\[c\\]\\\\d"
+
+
+def test_steps_and_sent_messages_go_with_the_keys_pending_messages_stay() -> None:
+    def step(scope: str) -> IdempotencyStep:
+        return IdempotencyStep.objects.create(
+            scope=scope,
+            key="k",
+            name="charge",
+            fingerprint="f",
+            token="t",
+            result='{"card": "4242"}',
+            expires="2099-01-01T00:00:00Z",
+        )
+
+    def message(scope: str, state: str) -> OutboxMessage:
+        return OutboxMessage.objects.create(
+            topic="receipts",
+            payload={"email": "ann@example.com"},
+            state=state,
+            scope=scope,
+            idempotency_key="k",
+        )
+
+    step("user:1"), step("user:2")
+    message("user:1", OutboxMessage.State.SENT)
+    pending = message("user:1", OutboxMessage.State.PENDING)
+    message("user:2", OutboxMessage.State.SENT)
+    erase_scope("user:1")
+    assert list(IdempotencyStep.objects.values_list("scope", flat=True)) == ["user:2"]
+    assert sorted(OutboxMessage.objects.values_list("scope", "state")) == [
+        ("user:1", "pending"),
+        ("user:2", "sent"),
+    ]
+    assert OutboxMessage.objects.filter(scope="user:1").get() == pending

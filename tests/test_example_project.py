@@ -62,7 +62,7 @@ def charges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Amounts sent to the payment provider (the one external system of the shop)."""
     charged: list[int] = []
 
-    def charge(amount_cents: int) -> str:
+    def charge(amount_cents: int, idempotency_key: str | None = None) -> str:
         charged.append(amount_cents)
         return f"ch_test_{len(charged)}"
 
@@ -230,7 +230,7 @@ def test_duplicate_payment_while_the_first_is_charging_gets_409(
     payment = {"order": create_order("alice").pk, "amount_cents": 450}
     charging, release = threading.Event(), threading.Event()
 
-    def slow_charge(amount_cents: int) -> str:
+    def slow_charge(amount_cents: int, idempotency_key: str | None = None) -> str:
         charging.set()
         assert release.wait(timeout=30), "the test never released the charge"
         return "ch_slow"
@@ -299,6 +299,36 @@ def test_plain_view_refuses_a_bad_order(alice_session: Client, body: bytes, fiel
     assert response.status_code == 400
     assert field in response.json()["errors"]
     assert not Order.objects.exists()
+
+
+def test_plain_view_refuses_a_multipart_body_through_the_csrf_check(
+    demo_users: dict[str, AbstractBaseUser],
+) -> None:
+    # As a browser sends it: the CSRF middleware reads request.POST first.
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(demo_users["alice"])
+    token = client.get("/").context["csrf_token"]
+    response = client.post(
+        "/orders/",
+        {"item": "tea", "amount": "1", "csrfmiddlewaretoken": str(token)},
+        headers={"Idempotency-Key": "multipart"},
+    )
+
+    assert response.status_code == 400
+    assert "__all__" in response.json()["errors"]
+    assert Order.objects.count() == 0
+
+
+def test_plain_view_refuses_deeply_nested_json(alice_session: Client) -> None:
+    response = alice_session.post(
+        "/orders/",
+        b"[" * 100_000 + b"]" * 100_000,
+        content_type="application/json",
+        headers={"Idempotency-Key": "deep"},
+    )
+
+    assert response.status_code == 400
+    assert "__all__" in response.json()["errors"]
 
 
 def test_plain_view_sends_anonymous_users_to_log_in(db: None) -> None:

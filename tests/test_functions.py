@@ -88,12 +88,16 @@ def test_a_repeated_message_returns_the_stored_result_without_running(
 
 @pytest.mark.django_db
 def test_the_first_call_returns_what_a_replay_would(setup: dict[str, str]) -> None:
+    runs: list[int] = []
+
     @idempotent_function(key=lambda n: n, **setup)
     def pair(n: int) -> tuple[int, int]:
+        runs.append(n)
         return (n, n)
 
     assert pair(1) == [1, 1]  # JSON has lists, not tuples: the same both times
     assert pair(1) == [1, 1]
+    assert runs == [1]
 
 
 @pytest.mark.django_db
@@ -135,6 +139,8 @@ def test_a_result_that_is_not_json_is_an_error_and_frees_the_key(setup: dict[str
     with pytest.raises(TypeError, match="JSON-serialisable"):
         produce(1)
     assert produce(1) == "fine"
+    assert produce(1) == "fine"
+    assert results == []  # ran twice: the failed call and the one that stored "fine"
 
 
 @pytest.mark.django_db
@@ -159,27 +165,38 @@ def test_a_nested_repeat_while_the_first_runs_is_in_progress() -> None:
 
 @pytest.mark.django_db
 def test_the_default_scope_is_the_function_so_functions_do_not_share_keys() -> None:
+    runs: list[str] = []
+
     @idempotent_function(key=lambda n: n)
     def first(n: int) -> str:
+        runs.append("first")
         return "first"
 
     @idempotent_function(key=lambda n: n)
     def second(n: int) -> str:
+        runs.append("second")
         return "second"
 
     assert (first(1), second(1)) == ("first", "second")
+    assert (first(1), second(1)) == ("first", "second")
+    assert runs == ["first", "second"]
     name = f"{__name__}.test_the_default_scope_is_the_function_so_functions_do_not_share_keys"
     assert stored(DATABASE, f"function:{name}.<locals>.first", "1") is not None
 
 
 @pytest.mark.django_db
 def test_a_scope_can_be_computed_from_the_arguments() -> None:
+    runs: list[str] = []
+
     @idempotent_function(key=lambda tenant, n: n, scope=lambda tenant, n: f"tenant:{tenant}")
     def work(tenant: str, n: int) -> str:
+        runs.append(tenant)
         return f"{tenant}/{n}"
 
     assert work("a", 1) == "a/1"
     assert work("b", 1) == "b/1"  # same key, other scope: runs
+    assert work("a", 1) == "a/1"
+    assert runs == ["a", "b"]
     assert stored(DATABASE, "tenant:b", "1") is not None
 
 
@@ -206,10 +223,13 @@ def test_a_fingerprint_function_decides_which_data_must_match() -> None:
         fingerprint=lambda message: {k: v for k, v in message.items() if k != "delivery"},
     )
     def handle(message: dict[str, Any]) -> str:
+        runs.append(message["delivery"])
         return "handled"
 
+    runs: list[int] = []
     assert handle({**MESSAGE, "delivery": 1}) == "handled"
     assert handle({**MESSAGE, "delivery": 2}) == "handled"  # a redelivery, not a new message
+    assert runs == [1]
 
 
 def test_arguments_that_are_not_json_ask_for_a_fingerprint_function() -> None:
@@ -223,12 +243,17 @@ def test_arguments_that_are_not_json_ask_for_a_fingerprint_function() -> None:
 
 @pytest.mark.django_db
 def test_an_integer_message_id_is_a_key() -> None:
+    runs: list[int] = []
+
     @idempotent_function(key=lambda message_id: message_id)
     def handle(message_id: int) -> int:
+        runs.append(message_id)
         return message_id
 
     assert handle(42) == 42
     assert handle(42) == 42
+    assert runs == [42]
+    assert stored(DATABASE, f"function:{__name__}.{handle.__qualname__}", "42") is not None
 
 
 @pytest.mark.parametrize("bad", [None, "", b"bytes", True, 1.5])
@@ -243,13 +268,17 @@ def test_a_key_that_is_not_a_string_or_integer_is_refused(bad: Any) -> None:
 
 @pytest.mark.django_db
 def test_a_very_long_key_is_hashed_to_fit() -> None:
+    runs: list[str] = []
+
     @idempotent_function(key=lambda value: value)
     def handle(value: str) -> int:
+        runs.append(value[-1])
         return len(value)
 
     assert handle("k" * 1000) == 1000
     assert handle("k" * 1000) == 1000
     assert handle("k" * 999 + "j") == 1000  # a distinct key, not a mismatch
+    assert runs == ["k", "j"]
 
 
 def test_a_key_that_is_not_callable_is_refused() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import http_sf
 import pytest
 from hypothesis import example, given
@@ -9,6 +11,8 @@ from hypothesis import strategies as st
 
 from django_idempotency.exceptions import KeyMalformed
 from django_idempotency.keys import MAX_KEY_LENGTH, parse_key
+
+PRINTABLE = [chr(c) for c in range(0x20, 0x7F)]
 
 
 @pytest.mark.parametrize(
@@ -26,7 +30,8 @@ from django_idempotency.keys import MAX_KEY_LENGTH, parse_key
         ('a"b', 'a"b'),  # bare keys may hold quotes anywhere but first
         ("k" * MAX_KEY_LENGTH, "k" * MAX_KEY_LENGTH),
         ('"' + "k" * MAX_KEY_LENGTH + '"', "k" * MAX_KEY_LENGTH),
-        ("~!#$%&'()*+,-./:;<=>?@[]^_`{|}", "~!#$%&'()*+,-./:;<=>?@[]^_`{|}"),
+        ("~!#$%&'()*+-./:;<=>?@[]^_`{|}", "~!#$%&'()*+-./:;<=>?@[]^_`{|}"),
+        ('"a,b"', "a,b"),  # a comma inside an sf-string is part of the key
     ],
 )
 def test_valid_keys(value: str, key: str) -> None:
@@ -54,6 +59,14 @@ def test_valid_keys(value: str, key: str) -> None:
         '"abc";p=1',
         '"a\u00e9"',
         '"a\tb"',
+        # Two Idempotency-Key fields, joined by the server (RFC 9110, 5.3).
+        "a1,a2",
+        "a1, a2",
+        '"a1","a2"',
+        '"a1", "a2"',
+        'a1,"a2"',
+        "a1,",
+        ",a1",
     ],
 )
 def test_malformed_keys(value: str) -> None:
@@ -108,7 +121,7 @@ def test_every_printable_key_round_trips_through_its_serialised_form(key: str) -
     serialised = http_sf.ser(key)
     if len(key) <= MAX_KEY_LENGTH:
         assert parse_key(serialised) == key
-        if not key.startswith('"'):
+        if not key.startswith('"') and "," not in key:
             assert parse_key(key) == key
     else:
         with pytest.raises(KeyMalformed):
@@ -123,3 +136,25 @@ def test_any_text_is_a_key_or_malformed_never_an_error(value: str) -> None:
         return
     assert 1 <= len(key) <= MAX_KEY_LENGTH
     assert all(0x20 <= ord(char) <= 0x7E for char in key)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.text(st.sampled_from(string.ascii_letters + string.digits + "-_.*"), min_size=1),
+            st.builds(http_sf.ser, st.text(st.sampled_from(PRINTABLE), max_size=20)),
+        ),
+        min_size=2,
+        max_size=4,
+    ),
+    st.sampled_from([",", ", ", " ,\t"]),
+)
+def test_a_list_of_keys_is_malformed_as_http_sf_reads_it(members: list[str], joiner: str) -> None:
+    value = joiner.join(members)
+    try:
+        parsed = http_sf.parse(value.encode("ascii"), tltype="list")
+    except http_sf.StructuredFieldError:
+        parsed = None  # bare members that are no sf-tokens: still a joined list
+    assert parsed is None or len(parsed) == len(members)
+    with pytest.raises(KeyMalformed):
+        parse_key(value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -111,6 +112,22 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         deadline.cancel()
 
 
+def count_claims(alias: str, monkeypatch: pytest.MonkeyPatch) -> list[Call]:
+    """The calls the store has claimed or refused, in order (it still claims them)."""
+    store_class = type(get_store(alias))
+    claim = store_class.claim
+    attempts: list[Call] = []
+
+    def counted_claim(self: Any, call: Call, policy: Policy) -> Claim:
+        try:
+            return claim(self, call, policy)
+        finally:
+            attempts.append(call)  # once answered: the store has seen the key's state
+
+    monkeypatch.setattr(store_class, "claim", counted_claim)
+    return attempts
+
+
 # A duplicate during a live lease ---------------------------------------------
 
 
@@ -157,15 +174,7 @@ def test_a_waiting_duplicate_polls_then_replays(
     settings.IDEMPOTENCY_WAIT = 10
     gate = Gate()
     hooks["inside"] = gate
-    store_class = type(get_store(lease_store))
-    claim = store_class.claim
-    attempts: list[Call] = []
-
-    def counted_claim(self: Any, call: Call, policy: Policy) -> Claim:
-        attempts.append(call)
-        return claim(self, call, policy)
-
-    monkeypatch.setattr(store_class, "claim", counted_claim)
+    attempts = count_claims(lease_store, monkeypatch)
     first = Worker(post, name="first")
     first.start()
     gate.wait_entered()
@@ -185,20 +194,27 @@ def test_a_waiting_duplicate_polls_then_replays(
 
 @pytest.mark.django_db(transaction=True)
 def test_a_waiting_duplicate_gives_up_with_409_when_the_wait_is_over(
-    lease_store: str, hooks: dict[str, Any], settings: Any
+    lease_store: str, hooks: dict[str, Any], settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings.IDEMPOTENCY_WAIT = 0.2
     gate = Gate()
     hooks["inside"] = gate
+    attempts = count_claims(lease_store, monkeypatch)
     first = Worker(post, name="first")
     first.start()
     gate.wait_entered()
 
+    started = time.monotonic()
     duplicate = post()
+    waited = time.monotonic() - started
     gate.released.set()
 
     assert duplicate.status_code == 409
     assert first.outcome().status_code == 201
+    # It did wait: it polled (the first claim is the first request's) for the
+    # whole wait, not answering 409 at once.
+    assert len(attempts) >= 3
+    assert waited >= 0.2
 
 
 # Expired leases: takeover and fencing ------------------------------------------
@@ -278,11 +294,15 @@ def test_a_completed_claim_is_replayed_even_after_its_lease_ended(
     assert replayed(store.claim(CALL, policy)).body == b"late"
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(transaction=True)
 def test_a_takeover_never_overwrites_a_completion_that_lands_first(
     frozen: Any, monkeypatch: pytest.MonkeyPatch, settings: Any
 ) -> None:
-    """The takeover's compare-and-set sees the late completion between read and write."""
+    """The takeover's compare-and-set sees the late completion between read and write.
+
+    The late completion comes from another session (its own thread and
+    database connection), committed before the takeover writes.
+    """
     store, policy = DatabaseStore("default"), policy_for("default")
     slow = store.claim(CALL, policy)
     frozen.shift(LEASE + 1)
@@ -291,7 +311,14 @@ def test_a_takeover_never_overwrites_a_completion_that_lands_first(
 
     def complete_just_before(self: DatabaseStore, *args: Any, **kwargs: Any) -> Execute | None:
         if not completions:
-            completions.append(store.complete(slow, Snapshot(201, body=b"slow"), policy))
+            late = Worker(
+                lambda: DatabaseStore("default").complete(
+                    slow, Snapshot(201, body=b"slow"), policy
+                ),
+                name="late worker",
+            )
+            late.start()
+            completions.append(late.outcome())
         return take_over(self, *args, **kwargs)
 
     monkeypatch.setattr(DatabaseStore, "_take_over", complete_just_before)
@@ -446,12 +473,19 @@ def test_duplicates_racing_a_held_first_request_get_409(
 
 @pytest.mark.concurrency
 @pytest.mark.django_db(transaction=True)
-def test_an_unheld_burst_of_duplicates_executes_once(lease_store: str, settings: Any) -> None:
+def test_an_unheld_burst_of_duplicates_executes_once(
+    lease_store: str, settings: Any, hooks: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings.IDEMPOTENCY_WAIT = 10
+    attempts = count_claims(lease_store, monkeypatch)
+    # Not held by the test, but the first request stays inside the view until
+    # a duplicate has tried to claim the key: the burst really overlaps it.
+    hooks["inside"] = lambda: wait_until(lambda: len(attempts) >= 2, "a duplicate claimed")
     workers = run_together([post] * 8)
 
     responses = [worker.outcome() for worker in workers]
 
+    assert len(attempts) > 8  # a duplicate found the key in flight and polled
     assert Order.objects.count() == 1
     assert {response.status_code for response in responses} == {201}
     assert len({response.content for response in responses}) == 1

@@ -119,16 +119,12 @@ def test_wheel_metadata(dists: Distributions) -> None:
     assert metadata["Name"] == "django-idempotency"
     assert metadata["License-Expression"] == "MIT"
     assert metadata["Requires-Python"] == ">=3.10"
-    assert set(metadata.get_all("Provides-Extra") or []) == {
-        "drf",
-        "redis",
-        "spectacular",
-        "crypto",
-        "otel",
-    }
+    extras = set(metadata.get_all("Provides-Extra") or [])
+    assert extras == {"drf", "redis", "spectacular", "celery", "crypto", "otel"}
     requirements = metadata.get_all("Requires-Dist") or []
     assert "Django>=5.2" in requirements
     assert 'drf-spectacular>=0.28; extra == "spectacular"' in requirements
+    assert 'celery>=5.4; extra == "celery"' in requirements
     assert 'cryptography>=42; extra == "crypto"' in requirements
     # The API only: the SDK and exporters are the project's choice.
     assert [r for r in requirements if 'extra == "otel"' in r] == [

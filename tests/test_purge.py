@@ -13,9 +13,12 @@ from typing import Any
 
 import pytest
 import time_machine
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError, call_command, load_command_class
+from django.core.management.base import OutputWrapper
+from django.db import connection
 from django.utils import timezone
 
+from django_idempotency.checks import check_settings
 from django_idempotency.durations import parse_duration
 from django_idempotency.models import IdempotencyKey
 from django_idempotency.purge import delete_in_batches
@@ -236,6 +239,10 @@ def test_database_option_purges_that_database_only() -> None:
     [
         (["--older-than", "7x"], {}, "'7x' is not a duration"),
         ([], {"older_than": "soon"}, "'soon' is not a duration"),
+        (["--older-than", "999999w"], {}, "reaches back before"),
+        (["--older-than", "999999999999d"], {}, "too long a duration"),
+        (["--include-stale", "--older-than", "999999w"], {}, "reaches back before"),
+        ([], {"older_than": timedelta(days=999_999_999)}, "reaches back before"),
         (["--batch-size", "0"], {}, "'0' is not a positive whole number"),
         (["--batch-size", "-5"], {}, "'-5' is not a positive whole number"),
         (["--batch-size", "many"], {}, "'many' is not a positive whole number"),
@@ -280,6 +287,23 @@ def test_bad_input_exits_non_zero_with_a_message(args: list[str], message: str) 
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.django_db
+def test_cron_runs_do_not_print_the_sqlite_warning(settings: Any) -> None:
+    # A cron job mails whatever a command prints: W001 belongs to `check`,
+    # `runserver` and `migrate`, which still print it.
+    settings.SILENCED_SYSTEM_CHECKS = []
+    output, errors = StringIO(), StringIO()
+    # As manage.py runs it (call_command skips the checks).
+    command = load_command_class("django_idempotency", "purge_idempotency_keys")
+    options = vars(command.create_parser("manage.py", "purge_idempotency_keys").parse_args([]))
+    command.stdout, command.stderr = OutputWrapper(output), OutputWrapper(errors)
+    command.execute(**{**options, "dry_run": True})
+    assert "Would delete 0 expired keys" in output.getvalue()
+    assert "W001" not in errors.getvalue() + output.getvalue()
+    if connection.vendor == "sqlite":
+        assert "django_idempotency.W001" in {message.id for message in check_settings()}
 
 
 @pytest.mark.django_db

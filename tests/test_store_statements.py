@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from django.db import connection
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
 from django_idempotency.engine import Call, Executed, Policy, Replayed, Snapshot, protected, run
@@ -77,7 +78,7 @@ def test_a_replay_reads_the_outcome_in_as_few_statements_as_the_database_allows(
     assert replay.snapshot == keep(first.result)
     # PostgreSQL with prepared statements: the claim returns the row it
     # collided with. Elsewhere the claim is followed by a read of the row.
-    expected = 1 if sql.prepares(connection) else 2
+    expected = 1 if claim_returns_the_row() else 2
     assert len(store_statements(captured)) == expected
     assert data_statements(captured) == store_statements(captured)  # no ORM query
     assert Order.objects.count() == 1
@@ -91,7 +92,12 @@ def test_a_mismatch_is_found_by_the_same_statements(mode: str) -> None:
     with CaptureQueriesContext(connection) as captured, pytest.raises(FingerprintMismatch):
         run(other, Policy(mode=mode), create_order, keep)
 
-    assert len(store_statements(captured)) == (1 if sql.prepares(connection) else 2)
+    assert len(store_statements(captured)) == (1 if claim_returns_the_row() else 2)
+
+
+def claim_returns_the_row() -> bool:
+    """PostgreSQL with psycopg 3 (the store prepares its claim by default), or preparing."""
+    return sql.is_psycopg3(connection) or sql.prepares(connection)
 
 
 def test_a_nested_claim_of_the_same_key_in_atomic_mode_is_refused() -> None:
@@ -163,12 +169,31 @@ def test_statements_are_prepared_when_the_connection_prepares(preparing: Any, mo
     connection.settings_dict.get("OPTIONS", {}).get("prepare_threshold") is not None,
     reason="the suite runs with prepared statements (PREPARE_THRESHOLD)",
 )
-def test_statements_are_not_prepared_by_default() -> None:
-    # Django turns prepared statements off unless asked (connection poolers);
-    # the store follows the connection's setting.
-    connection.ensure_connection()
-    assert connection.connection.prepare_threshold is None
+def test_statements_are_prepared_by_default_whatever_the_connection_does() -> None:
+    assert not sql.prepares(connection)  # Django's default: the connection prepares nothing
     run(CALL, Policy(mode="atomic"), create_order, keep)
     run(CALL, Policy(mode="atomic"), create_order, keep)
 
+    assert any(" claimed AS (INSERT" in statement for statement in prepared_store_statements())
+
+
+@postgresql_with_psycopg3
+@pytest.mark.skipif(
+    connection.settings_dict.get("OPTIONS", {}).get("prepare_threshold") is not None,
+    reason="the suite runs with prepared statements (PREPARE_THRESHOLD)",
+)
+def test_statements_are_not_prepared_with_the_prepare_option_off() -> None:
+    # PgBouncer in transaction pooling mode before 1.21: the store then
+    # follows the connection's setting, off by default in Django.
+    stores = {
+        "default": {
+            "BACKEND": "django_idempotency.stores.database.DatabaseStore",
+            "OPTIONS": {"PREPARE": False},
+        }
+    }
+    with override_settings(IDEMPOTENCY_STORES=stores):
+        run(CALL, Policy(mode="atomic"), create_order, keep)
+        replay = run(CALL, Policy(mode="atomic"), create_order, keep)
+
+    assert isinstance(replay, Replayed)
     assert prepared_store_statements() == []

@@ -3,7 +3,7 @@ from django.db import migrations
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("django_idempotency", "0001_initial"),
+        ("django_idempotency", "0002_steps_and_outbox"),
     ]
 
     operations = [

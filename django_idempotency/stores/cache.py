@@ -30,6 +30,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_redis import get_redis_connection  # type: ignore[import-untyped]
 from django_redis.cache import RedisCache  # type: ignore[import-untyped]
 from redis import Redis
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -262,7 +263,15 @@ class CacheStore(Store):
     def _reachable(self) -> Iterator[Redis]:
         try:
             yield get_redis_connection(self.cache)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except (
+            RedisConnectionError,
+            RedisTimeoutError,
+            # Redis Cluster: slots without a master (a failover under way), or
+            # no node reachable to learn the cluster's layout from.
+            ClusterError,
+            TryAgainError,
+            RedisClusterException,
+        ) as exc:
             raise StoreUnavailable(f"Redis (cache {self.cache!r}) cannot be reached.") from exc
 
     def _decide(self, call: Call, token: str, decision: list[bytes]) -> Claim:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import logging
 import math
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -25,7 +29,7 @@ from django.utils import timezone
 
 from django_idempotency import sealing
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
 from django_idempotency.protocol import ATOMIC, Call, Claim, Execute, Policy, Replay, Snapshot
 from django_idempotency.sealing import Resealing
 from django_idempotency.stores import postgresql, sql
@@ -37,7 +41,8 @@ logger = logging.getLogger("django_idempotency")
 State = IdempotencyKey.State
 
 # A claim may race with a purge that deletes the row it collided with; after
-# this many rounds something else is wrong and the caller is told to retry.
+# this many rounds (and once its wait, if any, has ended) something else is
+# wrong and the caller is told to retry.
 _CLAIM_ROUNDS = 3
 
 _MYSQL_DEADLOCK = 1213
@@ -48,13 +53,24 @@ class DatabaseStore(Store):
 
     Option ``DATABASE``: the alias to use; by default the one the database
     router picks for writes of ``IdempotencyKey`` (never a read replica).
+    Option ``PREPARE`` (PostgreSQL with psycopg 3): whether the store's own
+    statements are prepared on the server whatever the connection's
+    ``prepare_threshold`` (by default they are); ``False`` for PgBouncer in
+    transaction pooling mode older than 1.21.
     """
 
     supports_atomic = True
 
-    def __init__(self, alias: str, *, DATABASE: str | None = None) -> None:
+    def __init__(
+        self, alias: str, *, DATABASE: str | None = None, PREPARE: bool | None = None
+    ) -> None:
         super().__init__(alias)
         self.database = DATABASE
+        #: As configured: ``None`` when left to the default (the checks tell).
+        self.prepare = PREPARE
+        self.prepares_statements = PREPARE is not False
+        # The atomic block each thread's request runs in, while it runs.
+        self._blocks = threading.local()
 
     @property
     def db(self) -> str:
@@ -65,6 +81,7 @@ class DatabaseStore(Store):
         connection = transaction.get_connection(self.db)
         block = transaction.atomic(using=connection.alias)
         block.__enter__()
+        outer, self._blocks.current = getattr(self._blocks, "current", None), block
         try:
             yield
         except BaseException as exc:
@@ -73,6 +90,8 @@ class DatabaseStore(Store):
             with _reachable(connection):
                 block.__exit__(type(exc), exc, exc.__traceback__)
             raise
+        finally:
+            self._blocks.current = outer
         with _reachable(connection):
             block.__exit__(None, None, None)
 
@@ -85,7 +104,7 @@ class DatabaseStore(Store):
     def claim(self, call: Call, policy: Policy) -> Claim:
         connection = transaction.get_connection(self.db)
         try:
-            with _reachable(connection), _claiming(connection, policy):
+            with _reachable(connection), _claiming(connection, call, policy):
                 return self._claim(connection, call, policy)
         except OperationalError as exc:
             # Waited as long as allowed for the transaction that holds the key.
@@ -107,15 +126,36 @@ class DatabaseStore(Store):
             key=claim.call.key,
             token=claim.token,
         )
-        with _reachable(connection), sql.cursor(connection) as cursor:
-            cursor.execute(sql.statements(connection).complete, params)
+        prepare = self.prepares_statements
+        with _reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
+            if self._ends_its_transaction(connection):
+                # The last statement of the store's own transaction: COMMIT
+                # goes with it, one round trip (Django's commit then finds the
+                # transaction ended and sends nothing).
+                postgresql.complete_and_commit(
+                    connection, cursor, sql.statements(connection).complete, params
+                )
+            else:
+                cursor.execute(sql.statements(connection).complete, params)
             updated: int = cursor.rowcount
         return updated == 1
+
+    def _ends_its_transaction(self, connection: BaseDatabaseWrapper) -> bool:
+        """Whether the store may commit now: its own block is the transaction, intact."""
+        block = getattr(self._blocks, "current", None)
+        return (
+            block is not None
+            and connection.atomic_blocks == [block]
+            and connection.commit_on_exit
+            and not connection.needs_rollback
+            and postgresql.pipelines(connection)
+        )
 
     def release(self, claim: Execute) -> None:
         connection = transaction.get_connection(self.db)
         params = [claim.call.scope, claim.call.key, claim.token]
-        with _reachable(connection), sql.cursor(connection) as cursor:
+        prepare = self.prepares_statements
+        with _reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
             cursor.execute(sql.statements(connection).release, params)
 
     def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
@@ -125,6 +165,12 @@ class DatabaseStore(Store):
         erased = 0
         while batch := list(keys.values_list("pk", flat=True)[:batch_size]):
             erased += keys.filter(pk__in=batch).delete()[0]
+        # What the keys' executions recorded goes with them: step results, and
+        # outbox messages already sent (pending ones are effects still owed).
+        IdempotencyStep.objects.using(self.db).filter(scope=scope).delete()
+        OutboxMessage.objects.using(self.db).filter(
+            scope=scope, state=OutboxMessage.State.SENT
+        ).delete()
         return erased
 
     def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:
@@ -175,22 +221,32 @@ class DatabaseStore(Store):
         return Resealing(resealed=1)
 
     def _claim(self, connection: BaseDatabaseWrapper, call: Call, policy: Policy) -> Claim:
-        """The claim loop, the same on every database; only the insert differs."""
+        """The claim loop, the same on every database; only the insert differs.
+
+        A caller that waits keeps trying until its wait ends, however many
+        rounds that takes (a round that finds the key contended waits on the
+        database for its claimer); one that does not wait gets a few rounds,
+        for a row purged or taken over under it.
+        """
         insert = _INSERTS[connection.vendor]
-        for _ in range(_CLAIM_ROUNDS):
+        deadline = time.monotonic() + policy.wait
+        for attempt in itertools.count(1):
             token = uuid.uuid4().hex
             now = timezone.now()
-            inserted, row = insert(connection, call, _new_row(call, policy, token, now))
+            values = _new_row(call, policy, token, now)
+            inserted, row = insert(connection, call, values, self.prepares_statements)
             if inserted is Inserted.CLAIMED:
                 return Execute(call, token)
             if inserted is Inserted.CONTENDED and not _is_final(row, now):
                 # Someone is claiming the key right now; a completed row is
                 # final, anything else is theirs to decide.
-                _wait_for_claimer(connection, call, policy)
-                continue
-            claim = self._claim_existing(connection, row, call, policy, token, now)
-            if claim is not None:
-                return claim
+                _wait_for_claimer(connection, call, policy, deadline - time.monotonic())
+            else:
+                claim = self._claim_existing(connection, row, call, policy, token, now)
+                if claim is not None:
+                    return claim
+            if attempt >= _CLAIM_ROUNDS and time.monotonic() >= deadline:
+                break
         raise RequestInProgress(retry_after=policy.retry_after)
 
     def _claim_existing(
@@ -297,30 +353,73 @@ def _reachable(connection: BaseDatabaseWrapper) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _claiming(connection: BaseDatabaseWrapper, policy: Policy) -> Iterator[None]:
+def _claiming(connection: BaseDatabaseWrapper, call: Call, policy: Policy) -> Iterator[None]:
     """What a claim needs around its statements besides the insert itself."""
     if connection.vendor == "postgresql":
         # One statement: needs no transaction, and bounds its own wait.
         yield
         return
+    deadline = time.monotonic() + policy.wait
     with contextlib.ExitStack() as stack:
-        if connection.vendor == "mysql" and policy.mode != ATOMIC:
-            # The insert's savepoint needs a transaction; in atomic mode the
-            # caller's (see Store.atomic) holds the claim.
-            stack.enter_context(transaction.atomic(using=connection.alias))
+        if connection.vendor == "mysql":
+            if policy.mode != ATOMIC:
+                # The insert's savepoint needs a transaction; in atomic mode
+                # the caller's (see Store.atomic) holds the claim.
+                stack.enter_context(transaction.atomic(using=connection.alias))
+            if policy.wait > 0:
+                stack.enter_context(_one_waiter(connection, call, policy))
         # Contention shows as a lock wait on the unique index, bounded here.
-        stack.enter_context(_lock_wait(connection, policy.wait))
+        stack.enter_context(_lock_wait(connection, deadline - time.monotonic()))
         yield
+
+
+@contextlib.contextmanager
+def _one_waiter(connection: BaseDatabaseWrapper, call: Call, policy: Policy) -> Iterator[None]:
+    """Let one claim of the key at a time wait on InnoDB (MariaDB/MySQL, waiting claims).
+
+    When a transaction that inserted a key rolls back while two or more
+    others wait to insert it, InnoDB grants them all a shared lock and then
+    deadlocks them against each other, rolling back the victims' whole
+    transactions: under ``ATOMIC_REQUESTS`` the request's, which the claim
+    cannot resume. A named lock on the key, held by the claim only (it is
+    released before the protected code runs), queues the other claims
+    outside InnoDB, so at most one of them waits on the row: no deadlock.
+    Session-level, so a rollback does not release it; closing the
+    connection does.
+    """
+    name = _lock_name(connection, call)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT GET_LOCK(%s, %s)", [name, policy.wait])
+        (acquired,) = cursor.fetchone()
+    if acquired != 1:
+        # Waited as long as allowed for the claims queued before this one.
+        raise RequestInProgress(retry_after=policy.retry_after)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+            cursor.execute("DO RELEASE_LOCK(%s)", [name])
+
+
+def _lock_name(connection: BaseDatabaseWrapper, call: Call) -> str:
+    # Named locks are server-wide and at most 64 characters: the database's
+    # name and a hash of the key.
+    database = str(connection.settings_dict["NAME"])
+    digest = hashlib.sha256(f"{database}\0{call.scope}\0{call.key}".encode()).hexdigest()
+    return f"django_idempotency:{digest[:40]}"
 
 
 # The vendor-specific insert: claim the key with a new row, or say who holds it.
 # Each returns what happened and, unless the row was inserted, the row that
-# holds the key as the insert saw it (None: none seen, or not looked at).
-Insert = Callable[[BaseDatabaseWrapper, Call, dict[str, Any]], tuple[Inserted, "sql.Row | None"]]
+# holds the key as the insert saw it (None: none seen, or not looked at). The
+# last argument is the store's PREPARE option (only PostgreSQL prepares).
+Insert = Callable[
+    [BaseDatabaseWrapper, Call, dict[str, Any], bool], tuple[Inserted, "sql.Row | None"]
+]
 
 
 def _insert_sqlite(
-    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any]
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], prepare: bool
 ) -> tuple[Inserted, sql.Row | None]:
     # No row locks: the database lock serialises writers, so the insert either
     # claims the key or finds a committed row.
@@ -333,7 +432,7 @@ def _insert_sqlite(
 
 
 def _insert_mysql(
-    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any]
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], prepare: bool
 ) -> tuple[Inserted, sql.Row | None]:
     # Waits (bounded by _lock_wait) on another transaction's uncommitted row.
     params = sql.new_row_params(connection, values)
@@ -359,11 +458,16 @@ _INSERTS: dict[str, Insert] = {
 }
 
 
-def _wait_for_claimer(connection: BaseDatabaseWrapper, call: Call, policy: Policy) -> None:
-    """Wait (bounded) for the transaction that is claiming ``call``'s key to end."""
+def _wait_for_claimer(
+    connection: BaseDatabaseWrapper, call: Call, policy: Policy, seconds: float
+) -> None:
+    """Wait up to ``seconds`` for the transaction that is claiming ``call``'s key to end."""
     if connection.vendor == "postgresql":
-        postgresql.wait_for(connection, call, policy.wait, policy.retry_after)
-    # MariaDB/MySQL: the next insert waits on the new claimer's row itself.
+        postgresql.wait_for(connection, call, seconds, policy.retry_after)
+    elif policy.wait > 0:
+        # MariaDB/MySQL: the next insert waits on the new claimer's row
+        # itself, for what is left of the wait.
+        _set_lock_wait(connection, seconds)
 
 
 def _restart_after_deadlock(connection: BaseDatabaseWrapper, exc: OperationalError) -> bool:
@@ -432,11 +536,10 @@ def _lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> Iterator[None
         return
     with connection.cursor() as cursor:
         if vendor == "mysql":
-            minimum = 0 if connection.mysql_is_mariadb else 1  # type: ignore[attr-defined]
             cursor.execute(
                 "SET @idempotency_saved_wait = @@SESSION.innodb_lock_wait_timeout,"
                 " @@SESSION.innodb_lock_wait_timeout = %s",
-                [max(minimum, math.ceil(seconds))],
+                [_innodb_seconds(connection, seconds)],
             )
         elif vendor == "sqlite":
             cursor.execute("PRAGMA busy_timeout")
@@ -453,6 +556,20 @@ def _lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> Iterator[None
                 cursor.execute("SET @@SESSION.innodb_lock_wait_timeout = @idempotency_saved_wait")
             elif vendor == "sqlite":
                 cursor.execute(f"PRAGMA busy_timeout = {int(saved)}")
+
+
+def _set_lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> None:
+    """Change the bound that :func:`_lock_wait` set (MariaDB/MySQL)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SET @@SESSION.innodb_lock_wait_timeout = %s", [_innodb_seconds(connection, seconds)]
+        )
+
+
+def _innodb_seconds(connection: BaseDatabaseWrapper, seconds: float) -> int:
+    # Whole seconds; MySQL's least is 1, MariaDB's 0 (no wait at all).
+    minimum = 0 if connection.mysql_is_mariadb else 1  # type: ignore[attr-defined]
+    return max(minimum, math.ceil(seconds))
 
 
 def _is_lock_contention(exc: OperationalError) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 
 from django.db import transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.utils import CursorWrapper
 
 from django_idempotency.exceptions import RequestInProgress
 from django_idempotency.protocol import Call
@@ -36,23 +37,29 @@ def lock_id(call: Call) -> int:
 
 
 def insert(
-    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any]
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], prepare: bool
 ) -> tuple[Inserted, sql.Row | None]:
     """Claim ``call``'s key with the new row ``values``.
 
     Returns what happened and, unless the row was inserted, the row holding
     the key as the claim saw it (``None`` if it saw none: purged, or
-    committed by another claim after the statement began).
+    committed by another claim after the statement began). With ``prepare``
+    (psycopg 3) the statement is prepared on the server whatever the
+    connection's ``prepare_threshold``.
     """
     # A prepared claim returns the row it collided with: a replay is one
     # statement. Unprepared, that join costs more to parse and plan on every
     # request than a separate read of the row when there is one.
-    with_row = sql.prepares(connection)
+    with_row = (prepare and sql.is_psycopg3(connection)) or sql.prepares(connection)
     params = [lock_id(call), *sql.new_row_params(connection, values)]
     if with_row:
         params += [call.scope, call.key]
-    with sql.cursor(connection) as cursor:
-        cursor.execute(_claim_sql(connection, with_row=with_row), params)
+    with sql.cursor(connection, prepare=prepare) as cursor:
+        claim = _claim_sql(connection, with_row=with_row)
+        if _begins_transaction(connection):
+            begin_and_execute(connection, cursor, claim, params)
+        else:
+            cursor.execute(claim, params)
         acquired, inserted, *row = cursor.fetchone()
         if inserted:
             return Inserted.CLAIMED, None
@@ -61,6 +68,55 @@ def insert(
         else:
             found = sql.fetch_row(connection, cursor, call.scope, call.key)
     return (Inserted.TAKEN if acquired else Inserted.CONTENDED), found
+
+
+def pipelines(connection: BaseDatabaseWrapper) -> bool:
+    """Whether the store sends transaction control in one flush with its statements."""
+    return sql.is_psycopg3(connection)
+
+
+def _begins_transaction(connection: BaseDatabaseWrapper) -> bool:
+    """Whether psycopg is about to send BEGIN on its own before the next statement.
+
+    It does so in a round trip of its own (and waits for it, pipeline or
+    not). Only inside an atomic block that Django opened from autocommit,
+    which Django ends by putting autocommit back: the store may then send
+    BEGIN itself, in autocommit, without anyone seeing the difference.
+    """
+    if not (pipelines(connection) and connection.in_atomic_block and connection.commit_on_exit):
+        return False
+    raw: Any = connection.connection
+    return not raw.autocommit and raw.pgconn.transaction_status == _idle()
+
+
+def begin_and_execute(
+    connection: BaseDatabaseWrapper, cursor: CursorWrapper, statement: str, params: list[Any]
+) -> None:
+    """BEGIN and ``statement`` in one flush; read the results after it."""
+    raw: Any = connection.connection
+    raw.autocommit = True  # idle, so nothing is sent: BEGIN is ours to send now
+    with raw.pipeline():
+        # On the same psycopg cursor (a new one costs its own adapters); the
+        # statement after it leaves its results there.
+        cursor.cursor.execute("BEGIN", prepare=False)
+        cursor.execute(statement, params)
+
+
+def complete_and_commit(
+    connection: BaseDatabaseWrapper, cursor: CursorWrapper, statement: str, params: list[Any]
+) -> None:
+    """``statement`` and COMMIT in one flush; the transaction is over after it."""
+    raw: Any = connection.connection
+    with raw.pipeline():
+        cursor.execute(statement, params)
+        raw.execute("COMMIT")
+
+
+@functools.cache
+def _idle() -> Any:
+    from psycopg.pq import TransactionStatus
+
+    return TransactionStatus.IDLE
 
 
 def wait_for(connection: BaseDatabaseWrapper, call: Call, seconds: float, retry_after: int) -> None:

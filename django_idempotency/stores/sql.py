@@ -9,6 +9,7 @@ alias (quoted names, column types) and only the parameters change.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -145,28 +146,70 @@ def prepares(connection: BaseDatabaseWrapper) -> bool:
     if connection.vendor != "postgresql":
         return False
     connection.ensure_connection()
-    return getattr(connection.connection, "prepare_threshold", None) is not None
+    threshold = getattr(connection.connection, "prepare_threshold", None)
+    return threshold is not None and threshold != ONLY_WHEN_ASKED
 
 
-def cursor(connection: BaseDatabaseWrapper) -> CursorWrapper:
+#: psycopg's ``prepare_threshold`` on connections Django left unprepared: no
+#: statement is executed this often, so only those run with ``prepare=True``
+#: (the store's) are prepared.
+ONLY_WHEN_ASKED = 2**62
+
+
+def is_psycopg3(connection: BaseDatabaseWrapper) -> bool:
+    database: Any = connection.Database  # type: ignore[attr-defined]
+    return connection.vendor == "postgresql" and database.__name__ == "psycopg"
+
+
+def cursor(connection: BaseDatabaseWrapper, *, prepare: bool = False) -> CursorWrapper:
     """A cursor for the store's statements.
 
-    On connections that :func:`prepares`, the store's statements use
-    server-side binding even where the ORM does not: their text never changes,
-    so the server plans each once per connection. Otherwise this is
+    With ``prepare`` (psycopg 3), each statement is prepared on the server the
+    first time a connection runs it, whatever its ``prepare_threshold``: their
+    text never changes, so the server parses and plans each once per
+    connection. On connections that :func:`prepares` anyway, they use
+    server-side binding even where the ORM does not. Otherwise this is
     ``connection.cursor()``.
     """
-    if prepares(connection):
-        # Importable only where psycopg is installed.
-        from django.db.backends.postgresql.base import ServerBindingCursor
+    prepared = is_psycopg3(connection) and (prepare or prepares(connection))
+    if not prepared:
+        return connection.cursor()
+    connection.ensure_connection()
+    connection.validate_thread_sharing()
+    raw: Any = connection.connection
+    if prepare and raw.prepare_threshold is None:
+        # psycopg prepares nothing at all, not even what is asked, while the
+        # threshold is None (Django's default): a threshold no statement
+        # reaches lets it prepare what is asked, and only that.
+        raw.prepare_threshold = ONLY_WHEN_ASKED
+    cursor_class = _preparing_cursor() if prepare else _server_binding_cursor()
+    server_bound = cursor_class(raw)
+    if connection.queries_logged:
+        return connection.make_debug_cursor(server_bound)
+    return connection.make_cursor(server_bound)
 
-        connection.validate_thread_sharing()
-        cursor_class: Any = ServerBindingCursor
-        server_bound = cursor_class(connection.connection)
-        if connection.queries_logged:
-            return connection.make_debug_cursor(server_bound)
-        return connection.make_cursor(server_bound)
-    return connection.cursor()
+
+@functools.cache
+def _server_binding_cursor() -> Any:
+    # Importable only where psycopg is installed.
+    from django.db.backends.postgresql.base import ServerBindingCursor
+
+    return ServerBindingCursor
+
+
+@functools.cache
+def _preparing_cursor() -> Any:
+    base: Any = _server_binding_cursor()
+
+    class PreparingCursor(base):  # type: ignore[misc]
+        """Prepares every statement it runs (unless told ``prepare=False``)."""
+
+        def execute(
+            self, query: Any, params: Any = None, *, prepare: bool | None = None, **kwargs: Any
+        ) -> Any:
+            return super().execute(query, params, prepare=prepare is not False, **kwargs)
+
+    return PreparingCursor
 
 
 def fetch_row(

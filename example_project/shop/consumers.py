@@ -11,8 +11,11 @@ and the record of the message id commit in one transaction (the inbox
 pattern). A worker that dies halfway leaves neither, so the redelivery books
 the money cleanly; an exception frees the id in the same way.
 
-A Celery task would call it from the task body and retry on
-``RequestInProgress``; ``manage.py consume_payment_events`` feeds it JSON lines.
+``tasks.payment_captured`` is the same consumer as a Celery task fed by a
+broker (RabbitMQ or Redis); ``manage.py consume_payment_events`` feeds
+``on_payment_captured`` JSON lines, without a broker. Both record message ids
+in the scope ``"payments"`` with the message as fingerprint, so a message
+delivered through both is booked once.
 """
 
 from __future__ import annotations
@@ -29,16 +32,21 @@ class InvalidMessage(ValueError):
     """A message that no redelivery can make right: dead-letter it."""
 
 
-# wait=10: a duplicate delivered while the first is being booked waits for it
-# (up to 10 seconds) and returns its result, instead of failing at once.
-@idempotent_function(key=lambda message: message["id"], scope="payments", wait=10)
-def on_payment_captured(message: dict[str, Any]) -> dict[str, Any]:
-    """Book the captured amount of a payment in the ledger, once per message id.
+def message_id(message: dict[str, Any]) -> Any:
+    return message["id"]
+
+
+def whole_message(message: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint: the same id with another message is a mismatch."""
+    return message
+
+
+def book_capture(message: dict[str, Any]) -> dict[str, Any]:
+    """Book the captured amount of a payment in the ledger (unprotected: see below).
 
     ``message`` is ``{"id": ..., "payment": <charge reference>, "amount_cents": ...}``.
-    Returns what was booked (the same on every delivery of the message).
-    Raises ``Payment.DoesNotExist`` for a payment not (yet) in the database:
-    the id stays free, so a later redelivery books it.
+    Returns what was booked. Raises ``Payment.DoesNotExist`` for a payment not
+    (yet) in the database, ``InvalidMessage`` for a message no retry can fix.
     """
     reference, amount_cents = _capture_of(message)
     # Locked so that two captures of one payment cannot both pass the check.
@@ -56,6 +64,18 @@ def on_payment_captured(message: dict[str, Any]) -> dict[str, Any]:
         "amount_cents": amount_cents,
         "captured_cents": captured + amount_cents,
     }
+
+
+# wait=10: a duplicate delivered while the first is being booked waits for it
+# (up to 10 seconds) and returns its result, instead of failing at once.
+@idempotent_function(key=message_id, scope="payments", fingerprint=whole_message, wait=10)
+def on_payment_captured(message: dict[str, Any]) -> dict[str, Any]:
+    """``book_capture``, once per message id: a repeat returns the stored result.
+
+    A payment not (yet) in the database raises ``Payment.DoesNotExist`` and
+    leaves the id free, so a later redelivery books it.
+    """
+    return book_capture(message)
 
 
 def _capture_of(message: dict[str, Any]) -> tuple[str, int]:

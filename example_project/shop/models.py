@@ -25,15 +25,15 @@ class Payment(models.Model):
     )
     order = models.ForeignKey(Order, on_delete=models.PROTECT, related_name="payments")
     amount_cents = models.PositiveIntegerField()
-    #: The payment provider's charge id: one per execution, so a replay shows the same one.
-    reference = models.CharField(max_length=64, unique=True)
+    #: The payment provider's charge id, once the charge is recorded (empty before).
+    reference = models.CharField(max_length=64, unique=True, null=True, blank=True)
     created = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ("-created", "-pk")
 
     def __str__(self) -> str:
-        return self.reference
+        return self.reference or f"payment {self.pk} (not charged yet)"
 
 
 class LedgerEntry(models.Model):
@@ -53,3 +53,24 @@ class LedgerEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.amount_cents} cents on {self.payment}"
+
+
+class ProviderCharge(models.Model):
+    """A charge the fake payment provider made (its own books, not the shop's).
+
+    One row per charge. Like Stripe, the provider remembers the idempotency
+    key a charge was requested with: a second request with the same key
+    returns the first charge instead of charging again (``requests`` counts them).
+    """
+
+    reference = models.CharField(max_length=64, unique=True)
+    idempotency_key = models.CharField(max_length=255, unique=True, null=True, blank=True)
+    amount_cents = models.PositiveIntegerField()
+    requests = models.PositiveIntegerField(default=1)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ("-created", "-pk")
+
+    def __str__(self) -> str:
+        return f"{self.reference} ({self.amount_cents} cents)"

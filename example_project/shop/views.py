@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -26,6 +27,8 @@ from rest_framework.serializers import BaseSerializer
 
 from django_idempotency.decorators import idempotent
 from django_idempotency.drf import IdempotencyMixin
+from django_idempotency.outbox import enqueue
+from django_idempotency.workflow import derived_key, step
 from example_project.shop import provider
 from example_project.shop.models import Order, Payment
 from example_project.shop.serializers import OrderSerializer, PaymentSerializer
@@ -49,27 +52,44 @@ class OrderViewSet(IdempotencyMixin, viewsets.ModelViewSet):  # type: ignore[typ
 
 # The charge goes to an external provider, which a database rollback cannot
 # undo: the lease mode keeps the key claimed, outside any transaction, for as
-# long as the provider may take.
+# long as the provider may take, and the work is cut into steps. Each step
+# commits its writes with its result under the key, so a retry after a crash
+# (or after the provider failed) resumes at the first unfinished step; the
+# charge carries a key derived from the request's, so the provider charges
+# once however often that step reruns; the "payment captured" message is
+# written in the same transaction as the charge's reference (the outbox).
 @api_view(["POST"])
 @idempotent(mode="lease", lease=10)
 def create_payment(request: Request) -> Response:
     """Pay for one of the user's orders."""
     serializer = PaymentSerializer(data=request.data, context={"request": request})
     serializer.is_valid(raise_exception=True)
+    amount_cents = serializer.validated_data["amount_cents"]
+    payment_id = step("payment", lambda: serializer.save(owner=request.user).pk)
     try:
-        reference = provider.charge(serializer.validated_data["amount_cents"])
+        reference = step(
+            "charge",
+            lambda: provider.charge(amount_cents, idempotency_key=derived_key("charge")),
+        )
     except provider.ProviderError as error:
-        # Nothing was charged. A 5xx keeps no idempotency key, so the client's
-        # retry with the same key charges again rather than replaying this.
+        # Nothing was recorded for the charge. A 5xx keeps no idempotency key:
+        # the client's retry resumes here, with the same derived key.
         return Response(
             {"detail": f"The payment provider failed: {error}"}, status=status.HTTP_502_BAD_GATEWAY
         )
-    payment = serializer.save(owner=request.user, reference=reference)
+    step("capture", lambda: _capture(payment_id, reference, amount_cents))
+    payment = Payment.objects.get(pk=payment_id)
     return Response(
-        serializer.data,
+        PaymentSerializer(payment, context={"request": request}).data,
         status=status.HTTP_201_CREATED,
         headers={"Location": api_reverse("payment-detail", args=[payment.pk], request=request)},
     )
+
+
+def _capture(payment_id: int, reference: str, amount_cents: int) -> None:
+    """Record the charge on the payment and tell the ledger, in one transaction."""
+    Payment.objects.filter(pk=payment_id).update(reference=reference)
+    enqueue("payment.captured", {"payment": reference, "amount_cents": amount_cents})
 
 
 @api_view(["GET"])
@@ -89,12 +109,17 @@ class OrderForm(ModelForm):  # type: ignore[type-arg]
 @idempotent
 def create_order(request: HttpRequest) -> HttpResponse:
     """Create an order from a JSON body, for browser code using the session."""
-    try:
-        data: Any = json.loads(request.body)
-    except ValueError:
-        data = None
+    data: Any = None
+    # Anything but JSON is refused before the body is read: the CSRF
+    # middleware has already parsed a form body, and reading it again raises.
+    if request.content_type == "application/json":
+        # Not JSON, or nested too deep to decode: refused below.
+        with contextlib.suppress(ValueError, RecursionError):
+            data = json.loads(request.body)
     if not isinstance(data, dict):
-        errors = {"__all__": [{"message": "Send a JSON object.", "code": "invalid"}]}
+        errors = {
+            "__all__": [{"message": "Send a JSON object (application/json).", "code": "invalid"}]
+        }
         return JsonResponse({"errors": errors}, status=400)
     form = OrderForm(data)
     if not form.is_valid():

@@ -119,14 +119,21 @@ class Shop:
     """The running shop: send requests, read what they left behind."""
 
     def __init__(
-        self, server: Server, database: Database, users: Mapping[str, Any], fault_dir: Path
+        self,
+        server: Server,
+        database: Database,
+        users: Mapping[str, Any],
+        fault_dir: Path,
+        redis_client: redis.Redis | redis.RedisCluster | None = None,
     ) -> None:
         self.server = server
         self.database = database
         self.users = {name: User(name, **fields) for name, fields in users.items()}
         self.fault_dir = fault_dir
         self.redis_prefix = server.environ["MP_REDIS_PREFIX"]
-        self.redis = redis.Redis.from_url(REDIS_URL) if REDIS_URL else None
+        if redis_client is None and REDIS_URL:
+            redis_client = redis.Redis.from_url(REDIS_URL)
+        self.redis = redis_client
 
     def close(self) -> None:
         if self.redis is not None:

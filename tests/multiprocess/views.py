@@ -20,6 +20,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,17 @@ from django.http.response import HttpResponseBase
 from django.views.decorators.http import require_POST
 from rest_framework.decorators import api_view
 from rest_framework.request import Request
+from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
+from django_idempotency import signals
 from django_idempotency.decorators import idempotent
+from django_idempotency.models import OutboxMessage
+from example_project.shop import provider
 from example_project.shop import views as shop
 from example_project.shop.models import Order
+from example_project.shop.outbox import deliver
+from example_project.shop.serializers import PaymentSerializer
 
 #: Options of ``@idempotent`` per protection; the views under ``/mp/<name>/``.
 PROTECTIONS: dict[str, dict[str, Any]] = {
@@ -45,6 +52,8 @@ PROTECTIONS: dict[str, dict[str, Any]] = {
     # Short leases, for the takeover after a crash.
     "lease-short": {"mode": "lease", "lease": 2},
     "redis-short": {"mode": "lease", "lease": 2, "store": "redis"},
+    # The Redis store failing open (with a Redis Cluster, where it is configured).
+    "redis-open": {"mode": "lease", "lease": 10, "store": "redis_open"},
     # Keys that expire a second after completion, for the purge.
     "brief": {"mode": "atomic", "retention": 1},
     # A Redis that cannot be reached: refused (the default) or run unprotected.
@@ -62,10 +71,15 @@ def ready(request: HttpRequest) -> HttpResponse:
 
 
 def hold_if_asked(request: HttpRequest) -> None:
-    """Stop at the gate named by ``X-Hold``, if the request has one."""
+    """Stop at the gate named by ``X-Hold``, if the request has one (and no ``X-Hold-At``)."""
     name = request.headers.get("X-Hold")
-    if name is None:
+    if name is None or request.headers.get("X-Hold-At"):
         return
+    hold(name)
+
+
+def hold(name: str) -> None:
+    """Stop at the gate ``name``: say who is inside, wait until the test opens it."""
     if not _GATE_NAME.fullmatch(name):
         raise ValueError(f"bad gate name {name!r}")
     fault_dir = getattr(settings, "FAULT_DIR", "")
@@ -115,12 +129,28 @@ _payment_logic = _under_api_view(shop.create_payment)
 _order_logic = inspect.unwrap(shop.create_order)
 
 
+def _payment_without_steps(request: Request) -> HttpResponseBase:
+    """The payment as written for a store that keeps no steps (Redis): one piece.
+
+    The shop's own view records steps, which need the database store; under
+    the Redis store the whole view is what lease mode protects.
+    """
+    serializer = PaymentSerializer(data=request.data, context={"request": request})
+    serializer.is_valid(raise_exception=True)
+    reference = provider.charge(serializer.validated_data["amount_cents"])
+    serializer.save(owner=request.user, reference=reference)
+    return Response(serializer.data, status=201)
+
+
 def payment_view(options: dict[str, Any]) -> Callable[..., HttpResponseBase]:
+    steps = not str(options.get("store", "")).startswith("redis")
+    logic = _payment_logic if steps else _payment_without_steps
+
     @api_view(["POST"])
     @idempotent(**options)
     def create_payment(request: Request) -> HttpResponseBase:
         hold_if_asked(request)
-        response: HttpResponseBase = _payment_logic(request)
+        response: HttpResponseBase = logic(request)
         return response
 
     return create_payment
@@ -136,3 +166,62 @@ def plain_order_view(options: dict[str, Any]) -> Callable[..., HttpResponseBase]
         return response
 
     return create_order
+
+
+# Holding at a step boundary -------------------------------------------------
+#
+# ``X-Hold-At: step:<name>`` holds the request at gate ``X-Hold`` once step
+# <name> is recorded; ``X-Hold-At: provider`` once the fake provider charged
+# (inside the charge step, before its record). Read from the request by the
+# middleware, since signal receivers get no request.
+
+_hold_at: ContextVar[tuple[str, str] | None] = ContextVar("mp_hold_at", default=None)
+
+
+def remember_hold_point(get_response: Callable[[HttpRequest], Any]) -> Callable[..., Any]:
+    def middleware(request: HttpRequest) -> Any:
+        point, gate = request.headers.get("X-Hold-At"), request.headers.get("X-Hold")
+        token = _hold_at.set((point, gate) if point and gate else None)
+        try:
+            return get_response(request)
+        finally:
+            _hold_at.reset(token)
+
+    return middleware
+
+
+def _hold_at_point(point: str) -> None:
+    wanted = _hold_at.get()
+    if wanted is not None and wanted[0] == point:
+        hold(wanted[1])
+
+
+def _after_step(name: str, **kwargs: Any) -> None:
+    _hold_at_point(f"step:{name}")
+
+
+def _after_charge(**kwargs: Any) -> None:
+    _hold_at_point("provider")
+
+
+signals.step_completed.connect(_after_step, dispatch_uid="mp-hold-after-step")
+provider.charged.connect(_after_charge, dispatch_uid="mp-hold-after-charge")
+
+
+# The relay's sender ------------------------------------------------------------
+
+
+def deliver_and_hold(message: OutboxMessage) -> None:
+    """The shop's sender, logging each delivery; holds after ``MP_RELAY_HOLD_AFTER`` of them.
+
+    The log (``relay-deliveries.log`` in the fault directory, one message id a
+    line) shows how often each message was delivered.
+    """
+    deliver(message)
+    directory = Path(getattr(settings, "FAULT_DIR", ""))
+    log = directory / "relay-deliveries.log"
+    with log.open("a") as lines:
+        lines.write(f"{message.pk}\n")
+    hold_after = int(os.environ.get("MP_RELAY_HOLD_AFTER", "0"))
+    if hold_after and len(log.read_text().splitlines()) == hold_after:
+        hold("relay")

@@ -25,5 +25,6 @@ urlpatterns = [
     path("variants/nested-atomic/", variants.nested_atomic_view),
     path("variants/template/", variants.template_view),
     path("variants/api/anonymous/", variants.anonymous_api_view),
+    path("variants/api/guarded-function/", variants.guarded_api_view),
     path("variants/api/", include(router.urls)),
 ]

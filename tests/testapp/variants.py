@@ -9,7 +9,13 @@ from django.http import HttpRequest, HttpResponse
 from django.template import engines
 from django.template.response import SimpleTemplateResponse
 from rest_framework import viewsets
-from rest_framework.decorators import api_view, permission_classes
+from rest_framework.authentication import BasicAuthentication, SessionAuthentication
+from rest_framework.decorators import (
+    api_view,
+    authentication_classes,
+    permission_classes,
+    throttle_classes,
+)
 from rest_framework.exceptions import ValidationError
 from rest_framework.permissions import AllowAny, BasePermission, IsAuthenticated
 from rest_framework.request import Request
@@ -164,4 +170,17 @@ class HookViewSet(OrderViewSet):
 @idempotent
 def anonymous_api_view(request: Request) -> Response:
     status, payload = behave(request.data, request.user)
+    return Response(payload, status=status)
+
+
+@api_view(["POST"])
+@authentication_classes([BasicAuthentication, SessionAuthentication])  # 401, not 403
+@permission_classes([IsAuthenticated, DenyWithHeader])
+@throttle_classes([ThrottleWithHeader])
+@idempotent
+def guarded_api_view(request: Request) -> Response:
+    """DRF's own 401, 403 and 429 before the key is looked at; a raised APIException."""
+    status, payload = behave(request.data, request.user)
+    if request.data.get("invalid"):
+        raise ValidationError({"item": ["This item is not sold here."]})
     return Response(payload, status=status)

@@ -8,12 +8,13 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections, router
-from django.db.models import Q
+from django.db.models import Model, Q, QuerySet
 from django.utils import timezone
 
 from django_idempotency import purge
+from django_idempotency.conf import app_settings, to_seconds
 from django_idempotency.durations import parse_duration
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
 
 
 def _duration(text: str) -> timedelta:
@@ -36,8 +37,14 @@ def _batch_size(text: str) -> int:
 class Command(BaseCommand):
     help = (
         "Delete idempotency keys whose retention has ended, in short batches, so "
-        "it is safe to run from cron while requests come in. Live keys are never deleted."
+        "it is safe to run from cron while requests come in. Live keys are never deleted. "
+        "Expired steps and outbox messages sent longer ago than "
+        "IDEMPOTENCY_OUTBOX_RETENTION go too; unsent messages never do."
     )
+    # Run from cron, whose mail carries whatever a command prints: the system
+    # checks (W001 on SQLite, above all) are for `check`, `runserver` and
+    # `migrate`. Purging depends on no setting they validate.
+    requires_system_checks = ()
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument(
@@ -82,32 +89,61 @@ class Command(BaseCommand):
             older_than = _checked(_duration, older_than)
 
         now = timezone.now()
-        targets = [("expired keys", purge.expired(now, older_than))]
+        try:
+            now - older_than  # the conditions below compute it
+        except OverflowError:
+            raise CommandError(
+                f"--older-than {_describe(older_than)} reaches back before the year 1; "
+                "give a shorter duration."
+            ) from None
+        targets: list[tuple[str, type[Model], Q, str]] = [
+            ("expired keys", IdempotencyKey, purge.expired(now, older_than), "expires")
+        ]
+        #: Reported only when there are some: most projects use neither.
+        quiet_when_none = {"expired steps", "sent outbox messages"}
         if options["include_stale"]:
             grace = older_than or purge.DEFAULT_STALE_GRACE
-            targets.append(("stale in-progress claims", purge.stale(now, grace)))
+            targets.append(
+                ("stale in-progress claims", IdempotencyKey, purge.stale(now, grace), "expires")
+            )
+        # Steps and sent outbox messages go with the keys they belong to.
+        targets.append(
+            ("expired steps", IdempotencyStep, purge.expired_steps(now, older_than), "expires")
+        )
+        retention = timedelta(seconds=to_seconds(app_settings.OUTBOX_RETENTION)) + older_than
+        targets.append(
+            ("sent outbox messages", OutboxMessage, purge.sent_messages(now, retention), "sent")
+        )
 
-        for label, condition in targets:
+        for label, model, condition, order_by in targets:
+            queryset = model._default_manager.using(database).filter(condition)
+            quiet = label in quiet_when_none
             if options["dry_run"]:
-                self._count(database, label, condition, now)
+                self._count(queryset, label, now, quiet)
             else:
-                self._delete(database, label, condition, batch_size, options["verbosity"])
+                self._delete(queryset, label, batch_size, order_by, options["verbosity"], quiet)
 
-    def _count(self, database: str, label: str, condition: Q, now: datetime) -> None:
-        count = IdempotencyKey.objects.using(database).filter(condition).count()
-        self.stdout.write(f"Would delete {count} {label} (dry run, as of {now.isoformat()}).")
+    def _count(self, queryset: QuerySet[Any], label: str, now: datetime, quiet: bool) -> None:
+        count = queryset.count()
+        if count or not quiet:
+            self.stdout.write(f"Would delete {count} {label} (dry run, as of {now.isoformat()}).")
 
     def _delete(
-        self, database: str, label: str, condition: Q, batch_size: int, verbosity: int
+        self,
+        queryset: QuerySet[Any],
+        label: str,
+        batch_size: int,
+        order_by: str,
+        verbosity: int,
+        quiet: bool,
     ) -> None:
-        queryset = IdempotencyKey.objects.using(database).filter(condition)
         total = batches = 0
-        for deleted in purge.delete_in_batches(queryset, batch_size):
+        for deleted in purge.delete_in_batches(queryset, batch_size, order_by):
             total += deleted
             batches += 1
             if verbosity >= 2:
                 self.stdout.write(f"  batch {batches}: deleted {deleted} {label}")
-        if verbosity >= 1:
+        if verbosity >= 1 and (total or not quiet):
             self.stdout.write(f"Deleted {total} {label} in {batches} batch(es).")
 
 
@@ -119,5 +155,8 @@ def _checked(parse: Any, value: Any) -> Any:
 
 
 def _describe(duration: timedelta) -> str:
-    hours, seconds = divmod(int(duration.total_seconds()), 3600)
-    return f"{hours}h" if not seconds else f"{int(duration.total_seconds())}s"
+    total = int(duration.total_seconds())
+    for unit, size in (("w", 604_800), ("d", 86_400), ("h", 3600)):
+        if total and not total % size:
+            return f"{total // size}{unit}"
+    return f"{total}s"

@@ -86,8 +86,9 @@ class ScriptedProvider:
         self.hold_next = False
         self.holding = threading.Event()
         self.release = threading.Event()
+        self.by_key: dict[str, str] = {}
 
-    def charge(self, amount_cents: int) -> str:
+    def charge(self, amount_cents: int, idempotency_key: str | None = None) -> str:
         if self.fail_next:
             self.fail_next = False
             self.failures += 1
@@ -97,8 +98,12 @@ class ScriptedProvider:
             self.holding.set()
             if not self.release.wait(PATIENCE):
                 raise provider.ProviderError("the demo never released this charge")
+        if idempotency_key in self.by_key:
+            return self.by_key[idempotency_key]  # as the real provider: the first charge
         reference = f"ch_demo_{uuid.uuid4().hex[:12]}"
         self.charges.append(reference)
+        if idempotency_key is not None:
+            self.by_key[idempotency_key] = reference
         return reference
 
 

@@ -1,0 +1,316 @@
+"""What the database store's statements cost at best, with raw psycopg on PostgreSQL.
+
+    python benchmarks/floor.py --database-url postgres://postgres@127.0.0.1:5432/floor_bench
+
+No Django request, no HTTP: the store's own claim and completion statements
+(the SQL the store builds) and an order ``INSERT`` for the view, sent on one
+psycopg connection in the ways the store could send them, interleaved round
+after round. For each: the median and 99th percentile in microseconds and the
+round trips (waits for the server, counted as ``benchmarks/wire.py`` does).
+It shows which lever pays and the floor no code above the driver can beat.
+The database is created and dropped (its name must contain "bench").
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+Step = Callable[[], None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=100, help="per variant and round")
+    args = parser.parse_args(argv)
+    if "bench" not in args.database_url.rsplit("/", 1)[-1]:
+        parser.error("the database name must contain 'bench' (it is dropped)")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import run
+
+    run.setup(
+        argparse.Namespace(
+            database_url=args.database_url, redis_url="", prepare_threshold=None, view_queries=0
+        )
+    )
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        parser.error("PostgreSQL only: the levers measured are psycopg 3's")
+    name = connection.settings_dict["NAME"]
+    connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
+    try:
+        print(measure(args.rounds, args.requests))
+    finally:
+        connection.creation.destroy_test_db(name, verbosity=0)
+    return 0
+
+
+def measure(rounds: int, requests: int) -> str:
+    from django.db import connection
+
+    from benchmarks.wire import round_trips
+
+    with round_trips(connection) as counter:
+        assert counter is not None
+        connection.ensure_connection()
+        variants = Variants(connection.connection)
+        timings: dict[str, list[float]] = {label: [] for label in variants.all}
+        trips: dict[str, set[int]] = {label: set() for label in variants.all}
+        for _ in range(rounds):
+            for label, request in variants.all.items():
+                for _ in range(requests):
+                    counter.reset()
+                    before = time.perf_counter()
+                    request()
+                    timings[label].append(time.perf_counter() - before)
+                    trips[label].add(counter.reset())
+    lines = [
+        "| statements, sent how | round trips | median µs | p99 µs |",
+        "|---|--:|--:|--:|",
+    ]
+    for label, values in timings.items():
+        p99 = statistics.quantiles(values, n=100, method="inclusive")[98]
+        counted = "/".join(str(n) for n in sorted(trips[label]))
+        lines.append(
+            f"| {label} | {counted} | {statistics.median(values) * 1e6:.0f} | {p99 * 1e6:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+class Variants:
+    """Each variant is one request's worth of statements on connection ``raw``."""
+
+    def __init__(self, raw: Any) -> None:
+        from django.db import connection
+
+        from django_idempotency.stores import postgresql, sql
+
+        self.raw = raw
+        statements = sql.statements(connection)
+        self.claim_sql = postgresql._build_claim_sql(statements, True)
+        self.complete_sql = statements.complete
+        self.insert_order = (
+            "INSERT INTO benchmarks_order (item, created) VALUES (%s, now()) RETURNING id"
+        )
+        self.sql = sql
+        self.replay_key = "floor-replay"
+        self._claim(self.replay_key, prepare=False)
+        self._complete(self.replay_key, prepare=False)
+        self.raw.commit()
+        self.all: dict[str, Step] = {
+            "one round trip (`SELECT 1`), autocommit": self.select_one,
+            "the view alone: `INSERT`, autocommit": self.plain_insert,
+            "the view alone: BEGIN, `INSERT`, COMMIT": self.insert_in_transaction,
+            "BEGIN, claim, INSERT, completion, COMMIT; unprepared (today)": self.sequential,
+            "the same, prepared": self.sequential_prepared,
+            "prepared; BEGIN + claim, INSERT, completion + COMMIT": self.pipelined,
+            "prepared; all five in one pipeline (no view could)": self.one_pipeline,
+            "one message each: `BEGIN; claim`, INSERT, `completion; COMMIT`; unprepared": (
+                self.messages
+            ),
+            "the same, SQL-level PREPARE and EXECUTE": self.messages_prepared,
+            "replay: BEGIN, claim returning the row, COMMIT; prepared": self.replay_in_transaction,
+            "replay: `BEGIN; EXECUTE claim`, COMMIT": self.replay_messages,
+            "replay: BEGIN + claim returning the row, COMMIT; prepared": self.replay_pipelined,
+            "replay: claim returning the row, autocommit; prepared": self.replay_autocommit,
+        }
+
+    # -- the parts -------------------------------------------------------
+
+    def _params(self, key: str) -> list[Any]:
+        from django.db import connection
+        from django.utils import timezone
+
+        now = timezone.now()
+        values = {
+            "scope": "floor",
+            "key": key,
+            "fingerprint": "f" * 64,
+            "method": "POST",
+            "path": "/orders/",
+            "state": "in_progress",
+            "token": uuid.uuid4().hex,
+            "locked_until": None,
+            "attempts": 1,
+            "response_headers": [],
+            "response_body": b"",
+            "created": now,
+            "expires": now + timedelta(days=1),
+        }
+        self.token = values["token"]
+        lock = int.from_bytes(uuid.uuid4().bytes[:8], "big", signed=True)
+        return [lock, *self.sql.new_row_params(connection, values), "floor", key]
+
+    def _claim(self, key: str, *, prepare: bool) -> Any:
+        cursor = self.raw.cursor()
+        cursor.execute(self.claim_sql, self._params(key), prepare=prepare)
+        return cursor
+
+    def _complete(self, key: str, *, prepare: bool) -> Any:
+        from django.db import connection
+        from django.utils import timezone
+
+        now = timezone.now()
+        params = self.sql.completion_params(
+            connection,
+            status=201,
+            headers=[["Content-Type", "application/json"]],
+            body=b'{"id": 1, "item": "book"}',
+            completed=now,
+            expires=now + timedelta(days=1),
+            scope="floor",
+            key=key,
+            token=self.token,
+        )
+        cursor = self.raw.cursor()
+        cursor.execute(self.complete_sql, params, prepare=prepare)
+        return cursor
+
+    def _order(self, *, prepare: bool | None = None) -> Any:
+        cursor = self.raw.cursor()
+        cursor.execute(self.insert_order, ["book"], prepare=prepare)
+        return cursor
+
+    def _client_cursor(self) -> Any:
+        import psycopg
+
+        return psycopg.ClientCursor(self.raw)
+
+    def _prepare_once(self) -> None:
+        if getattr(self, "_prepared", False):
+            return
+        numbered = self.claim_sql
+        for n in range(1, numbered.count("%s") + 1):
+            numbered = numbered.replace("%s", f"${n}", 1)
+        self.raw.execute(f"PREPARE floor_claim AS {numbered}")
+        numbered = self.complete_sql
+        for n in range(1, numbered.count("%s") + 1):
+            numbered = numbered.replace("%s", f"${n}", 1)
+        self.raw.execute(f"PREPARE floor_complete AS {numbered}")
+        self._prepared = True
+
+    def _execute_sql(self, name: str, count: int) -> str:
+        return f"EXECUTE {name}({', '.join(['%s'] * count)})"
+
+    # -- the variants ----------------------------------------------------
+
+    def select_one(self) -> None:
+        self.raw.execute("SELECT 1").fetchone()
+
+    def plain_insert(self) -> None:
+        self._order().fetchone()
+
+    def insert_in_transaction(self) -> None:
+        self.raw.autocommit = False
+        self._order().fetchone()
+        self.raw.commit()
+        self.raw.autocommit = True
+
+    def sequential(self, prepare: bool = False) -> None:
+        self.raw.autocommit = False  # psycopg sends BEGIN before the first statement
+        key = uuid.uuid4().hex
+        self._claim(key, prepare=prepare).fetchone()
+        self._order().fetchone()
+        self._complete(key, prepare=prepare)
+        self.raw.commit()
+        self.raw.autocommit = True
+
+    def sequential_prepared(self) -> None:
+        self.sequential(prepare=True)
+
+    def pipelined(self) -> None:
+        # psycopg syncs (and waits) after the BEGIN it sends itself in a
+        # pipeline: the store would send its own, in autocommit.
+        # Results are read after the pipeline's end, whose Sync is its one wait.
+        key = uuid.uuid4().hex
+        with self.raw.pipeline():
+            self.raw.execute("BEGIN")
+            claim = self._claim(key, prepare=True)
+        claim.fetchone()
+        self._order().fetchone()
+        with self.raw.pipeline():
+            self._complete(key, prepare=True)
+            self.raw.execute("COMMIT")
+
+    def one_pipeline(self) -> None:
+        key = uuid.uuid4().hex
+        with self.raw.pipeline():
+            self.raw.execute("BEGIN")
+            self._claim(key, prepare=True)
+            self._order()
+            self._complete(key, prepare=True)
+            self.raw.execute("COMMIT")
+
+    def messages(self, prepared: bool = False) -> None:
+        from django.db import connection
+        from django.utils import timezone
+
+        key = uuid.uuid4().hex
+        cursor = self._client_cursor()
+        params = self._params(key)
+        claim = self._execute_sql("floor_claim", len(params)) if prepared else self.claim_sql
+        cursor.execute(f"BEGIN; {claim}", params)
+        cursor.nextset()
+        cursor.fetchone()
+        self._order().fetchone()
+        now = timezone.now()
+        params = self.sql.completion_params(
+            connection,
+            status=201,
+            headers=[["Content-Type", "application/json"]],
+            body=b'{"id": 1, "item": "book"}',
+            completed=now,
+            expires=now + timedelta(days=1),
+            scope="floor",
+            key=key,
+            token=self.token,
+        )
+        complete = (
+            self._execute_sql("floor_complete", len(params)) if prepared else self.complete_sql
+        )
+        cursor.execute(f"{complete}; COMMIT", params)
+
+    def messages_prepared(self) -> None:
+        self._prepare_once()
+        self.messages(prepared=True)
+
+    def replay_messages(self) -> None:
+        self._prepare_once()
+        cursor = self._client_cursor()
+        params = self._params(self.replay_key)
+        cursor.execute(f"BEGIN; {self._execute_sql('floor_claim', len(params))}", params)
+        cursor.nextset()
+        cursor.fetchone()
+        self.raw.execute("COMMIT")
+
+    def replay_in_transaction(self) -> None:
+        self.raw.autocommit = False
+        self._claim(self.replay_key, prepare=True).fetchone()
+        self.raw.commit()
+        self.raw.autocommit = True
+
+    def replay_pipelined(self) -> None:
+        with self.raw.pipeline():
+            self.raw.execute("BEGIN")
+            claim = self._claim(self.replay_key, prepare=True)
+        claim.fetchone()
+        self.raw.execute("COMMIT")
+
+    def replay_autocommit(self) -> None:
+        self._claim(self.replay_key, prepare=True).fetchone()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""How often a protected request waits for the database server: its round trips.
+
+Counted on the wire by the benchmark's relay (``benchmarks/wire.py``), for a
+view protected with ``@idempotent`` against the same view unprotected, on
+PostgreSQL and MariaDB/MySQL (SQLite runs in the process: no round trips; its
+statements are pinned in test_store_statements.py). The counts are the
+performance targets of docs/benchmarks.md, pinned so that a change adding a
+round trip to every protected request fails here, not only in a benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from django.db import connection
+from django.http import HttpRequest, HttpResponse
+from django.test import RequestFactory
+
+from benchmarks.wire import RoundTrips, round_trips
+from django_idempotency.decorators import idempotent
+from tests.testapp.models import Order
+
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.skipif(
+        connection.vendor == "sqlite", reason="SQLite runs in the process: no round trips"
+    ),
+]
+
+#: Round trips a protected request adds to the same view unprotected (one
+#: INSERT, one round trip), by database and mode.
+ADDED_TO_A_FIRST_EXECUTION = {
+    # BEGIN with the claim, the completion with COMMIT: one flush each.
+    ("postgresql", "atomic"): 2,
+    # The claim and the completion, each in autocommit.
+    ("postgresql", "lease"): 2,
+    # SET autocommit=0 and the lock-wait bound (SET), a savepoint around the
+    # claim (SAVEPOINT, INSERT, RELEASE), the completion, the lock-wait bound
+    # restored, COMMIT and SET autocommit=1: MySQLdb sends one statement per
+    # round trip.
+    ("mysql", "atomic"): 9,
+    ("mysql", "lease"): 9,
+}
+#: Round trips of a replay, by database and mode. On PostgreSQL the claim
+#: returns the row it collided with (a prepared statement).
+REPLAY = {
+    ("postgresql", "atomic"): 2,  # BEGIN with the claim, COMMIT
+    ("postgresql", "lease"): 1,  # the claim
+    ("mysql", "atomic"): 10,
+    ("mysql", "lease"): 10,
+}
+
+
+def create_order(request: HttpRequest) -> HttpResponse:
+    order = Order.objects.create(item=json.loads(request.body)["item"])
+    return HttpResponse(json.dumps({"id": order.pk}), status=201, content_type="application/json")
+
+
+def post(view: Callable[[HttpRequest], HttpResponse], key: str | None) -> HttpResponse:
+    headers = {} if key is None else {"Idempotency-Key": key}
+    request = RequestFactory().post(
+        "/orders/", b'{"item": "book"}', content_type="application/json", headers=headers
+    )
+    return view(request)
+
+
+@pytest.fixture
+def trips() -> Iterator[RoundTrips]:
+    with round_trips(connection) as counter:
+        assert counter is not None
+        connection.ensure_connection()  # connecting is not the request's
+        yield counter
+
+
+def counted(trips: RoundTrips, request: Callable[[], HttpResponse]) -> tuple[int, HttpResponse]:
+    trips.reset()
+    response = request()
+    return trips.reset(), response
+
+
+@pytest.mark.parametrize("mode", ["atomic", "lease"])
+def test_a_first_execution_adds_its_round_trips_to_the_plain_views(
+    trips: RoundTrips, mode: str
+) -> None:
+    protected = idempotent(mode=mode)(create_order)
+    post(protected, "warm-up")  # the connection's prepared statements, if any
+
+    plain, response = counted(trips, lambda: post(create_order, None))
+    assert response.status_code == 201
+    first, response = counted(trips, lambda: post(protected, uuid.uuid4().hex))
+    assert response.status_code == 201
+
+    assert plain == 1
+    assert first - plain == ADDED_TO_A_FIRST_EXECUTION[connection.vendor, mode]
+
+
+@pytest.mark.parametrize("mode", ["atomic", "lease"])
+def test_a_replay_takes_its_round_trips(trips: RoundTrips, mode: str) -> None:
+    protected = idempotent(mode=mode)(create_order)
+    assert post(protected, "replayed").status_code == 201
+
+    replay, response = counted(trips, lambda: post(protected, "replayed"))
+
+    assert response.status_code == 201
+    assert response["Idempotent-Replayed"] == "true"
+    assert replay == REPLAY[connection.vendor, mode]
+    assert Order.objects.count() == 1
