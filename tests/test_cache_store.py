@@ -266,17 +266,42 @@ def test_a_lease_longer_than_the_retention_keeps_the_claim_alive(
     assert get_redis_connection("redis").pttl(name) > 590_000
 
 
-def test_a_record_gone_from_redis_is_claimed_anew(redis_store: CacheStore) -> None:
-    """The script's own path for a key that expired between SET NX and the script."""
+def test_a_key_without_a_record_is_claimed_by_the_script(redis_store: CacheStore) -> None:
     client = get_redis_connection("redis")
     name = redis_store.record_name(CALL.scope, CALL.key)
     fresh = json.dumps({"state": "in_progress", "token": "t", "fingerprint": CALL.fingerprint})
-    verdict = client.register_script(cache._CLAIM_EXISTING)(
+    verdict = client.register_script(cache._CLAIM)(
         keys=[name], args=[fresh, 0, 60_000], client=client
     )
 
     assert verdict == [b"claimed"]
     assert json.loads(client.get(name))["token"] == "t"
+
+
+def test_a_replay_is_one_round_trip_and_a_first_execution_two(redis_store: CacheStore) -> None:
+    """Every command of redis-py is one round trip (no pipeline): they are counted."""
+    client = get_redis_connection("redis")
+    commands: list[str] = []
+    send = client.execute_command
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        commands.append(str(args[0]))
+        return send(*args, **kwargs)
+
+    redis_store.claim(CALL, POLICY)  # the scripts loaded (SCRIPT LOAD once per server)
+    client.execute_command = counted  # this client object only
+    try:
+        claim = redis_store.claim(Call(CALL.scope, "call-2", CALL.fingerprint), POLICY)
+        assert isinstance(claim, Execute)
+        redis_store.complete(claim, Snapshot(201, body=b"made"), POLICY)
+        first = list(commands)
+        commands.clear()
+        replayed(redis_store.claim(Call(CALL.scope, "call-2", CALL.fingerprint), POLICY))
+    finally:
+        del client.execute_command
+
+    assert first == ["EVALSHA", "EVALSHA"]  # the claim, the completion
+    assert commands == ["EVALSHA"]  # the claim finds the outcome
 
 
 def test_record_names_honour_the_cache_key_prefix_and_are_unambiguous(

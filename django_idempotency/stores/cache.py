@@ -2,9 +2,11 @@
 
 Each (scope, key) is one Redis string holding a JSON record: its state, owner
 token, fingerprint, lease end and expiry, and once completed the snapshot.
-A claim is ``SET NX PX``; deciding about an existing record, completing and
-releasing are Lua scripts that compare the owner token, so every operation
-touches a single key and works on Redis Cluster as on a single server.
+A claim, a completion and a release are each one Lua script (one round trip:
+a replay is one, a first execution two); the claim stores a new record or
+decides about the existing one, the others compare the owner token. Every
+operation touches a single key and works on Redis Cluster as on a single
+server.
 
 Times in the record are the application's clock (milliseconds since the
 epoch), as with the database store; Redis' own expiry only collects records
@@ -46,9 +48,9 @@ IN_PROGRESS = "in_progress"
 COMPLETED = "completed"
 
 # KEYS[1]: the record. ARGV[1]: a fresh in-progress record (JSON), ARGV[2]:
-# now (ms), ARGV[3]: its time to live (ms). Called when SET NX found a record;
-# decides like the database store does about an existing row.
-_CLAIM_EXISTING = """
+# now (ms), ARGV[3]: its time to live (ms). Stores the fresh record where there
+# is none; decides like the database store does about an existing one.
+_CLAIM = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
@@ -163,9 +165,7 @@ class CacheStore(Store):
         fresh = _dumps(_in_progress(call, policy, token, now))
         ttl = _ms(max(policy.retention, policy.lease))
         with self._reachable() as client:
-            if client.set(name, fresh, nx=True, px=ttl):
-                return Execute(call, token)
-            decision = client.register_script(_CLAIM_EXISTING)(
+            decision = client.register_script(_CLAIM)(
                 keys=[name], args=[fresh, now, ttl], client=client
             )
         return self._decide(call, token, decision)
