@@ -28,8 +28,10 @@ from django.utils.text import Truncator, capfirst
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
-from django_idempotency import outbox, purge
+from django_idempotency import outbox, purge, sealing
+from django_idempotency.exceptions import SnapshotUnreadable
 from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
+from django_idempotency.protocol import Call, Snapshot
 
 State = IdempotencyKey.State
 
@@ -333,14 +335,57 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def short_path(self, obj: IdempotencyKey) -> str:
         return _shortened(obj.path, 40)
 
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is None or not _sealed(obj) or not self.has_decrypt_permission(request):
+            return fieldsets
+        shown = {"headers": "decrypted_headers", "body": "decrypted_body"}
+        return [
+            (
+                name,
+                {**options, "fields": tuple(shown.get(str(f), str(f)) for f in options["fields"])},
+            )
+            for name, options in fieldsets
+        ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return (*super().get_readonly_fields(request, obj), "decrypted_headers", "decrypted_body")
+
+    def has_decrypt_permission(self, request: HttpRequest) -> bool:
+        """Who sees encrypted stored responses in clear: a permission of its own."""
+        return bool(request.user.has_perm(f"{self.opts.app_label}.view_decrypted_response"))
+
     @admin.display(description=_("response headers"))
     def headers(self, obj: IdempotencyKey) -> str:
+        if _sealed(obj):
+            return gettext("encrypted")
         lines = [f"{name}: {value}" for name, value in obj.response_headers]
         return format_html("<pre>{}</pre>", "\n".join(lines)) if lines else "-"
 
     @admin.display(description=_("response body"))
     def body(self, obj: IdempotencyKey) -> SafeString:
+        if _sealed(obj):
+            return _encrypted_size(obj)
         return render_body(bytes(obj.response_body))
+
+    @admin.display(description=_("response headers (decrypted)"))
+    def decrypted_headers(self, obj: IdempotencyKey) -> str:
+        snapshot = _unsealed(obj)
+        if snapshot is None:
+            return gettext("cannot be decrypted with the configured keys")
+        lines = [f"{name}: {value}" for name, value in snapshot.headers]
+        return format_html("<pre>{}</pre>", "\n".join(lines)) if lines else "-"
+
+    @admin.display(description=_("response body (decrypted)"))
+    def decrypted_body(self, obj: IdempotencyKey) -> SafeString:
+        snapshot = _unsealed(obj)
+        if snapshot is None:
+            return format_html(
+                "<p>{}</p>",
+                gettext("%(size)s; cannot be decrypted with the configured keys")
+                % {"size": _encrypted_size(obj)},
+            )
+        return render_body(snapshot.body)
 
     @admin.display(description=_("steps"))
     def steps(self, obj: IdempotencyKey) -> SafeString:
@@ -431,6 +476,25 @@ def _render_binary(body: bytes) -> SafeString:
         "size": len(body)
     }
     return format_html('<p>{}</p><pre class="idempotency-body">{}</pre>', size, "\n".join(rows))
+
+
+def _sealed(obj: IdempotencyKey) -> bool:
+    return sealing.is_sealed(bytes(obj.response_body))
+
+
+def _encrypted_size(obj: IdempotencyKey) -> SafeString:
+    size = len(bytes(obj.response_body))
+    text = ngettext("encrypted, %(size)d byte", "encrypted, %(size)d bytes", size) % {"size": size}
+    return format_html("{}", text)
+
+
+def _unsealed(obj: IdempotencyKey) -> Snapshot | None:
+    """The stored response in clear, or ``None`` if the keys do not open it (logged)."""
+    stored = Snapshot(obj.response_status or 0, (), bytes(obj.response_body))
+    try:
+        return sealing.unseal(stored, Call(obj.scope, obj.key, ""))
+    except SnapshotUnreadable:
+        return None
 
 
 # Steps and the outbox ----------------------------------------------------------

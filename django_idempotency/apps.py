@@ -16,6 +16,8 @@ class IdempotencyConfig(AppConfig):
 
         register(checks.check_settings, Tags.compatibility)
         register(checks.check_views, Tags.urls)
+        register(checks.check_encryption_keys, Tags.security)
+        register(checks.check_stored_snapshots, Tags.database)
         register(checks.check_outbox_and_steps, Tags.compatibility)
         register(check_celery_tasks, Tags.compatibility)
 

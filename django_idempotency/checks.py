@@ -506,3 +506,121 @@ def check_outbox_and_steps(**kwargs: Any) -> list[CheckMessage]:
                 )
             )
     return errors
+
+
+# Encryption of stored outcomes ------------------------------------------------------------
+
+#: Newest rows sampled by the stored-snapshot check (by the indexed expiry).
+_SAMPLED_ROWS = 20
+
+
+def check_encryption_keys(**kwargs: Any) -> list[CheckMessage]:
+    keys = app_settings.ENCRYPTION_KEYS
+    if not keys:
+        return []
+    if isinstance(keys, str | bytes) or not isinstance(keys, list | tuple):
+        return [
+            _error(
+                40,
+                "IDEMPOTENCY_ENCRYPTION_KEYS must be a list of Fernet keys, newest first.",
+                "Wrap a single key in a list: [os.environ['IDEMPOTENCY_KEY']].",
+            )
+        ]
+    if importlib.util.find_spec("cryptography") is None:
+        return [
+            _error(
+                41,
+                "IDEMPOTENCY_ENCRYPTION_KEYS is set but the cryptography package is missing.",
+                "Install django-idempotency[crypto].",
+            )
+        ]
+    from cryptography.fernet import Fernet
+
+    errors: list[CheckMessage] = []
+    for index, key in enumerate(keys):
+        try:
+            Fernet(key)
+        except (TypeError, ValueError):
+            errors.append(
+                _error(
+                    40,
+                    f"IDEMPOTENCY_ENCRYPTION_KEYS[{index}] is not a Fernet key.",
+                    "Generate one with: python -c 'from cryptography.fernet import Fernet; "
+                    "print(Fernet.generate_key().decode())'",
+                )
+            )
+    if not errors and len(set(keys)) != len(keys):
+        errors.append(
+            Warning(
+                "IDEMPOTENCY_ENCRYPTION_KEYS lists a key twice.",
+                hint="List each key once, the newest first.",
+                id="django_idempotency.W010",
+            )
+        )
+    return errors
+
+
+def check_stored_snapshots(
+    databases: Iterable[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """Whether the configured keys read the newest stored outcomes (``check --database``)."""
+    if not databases or check_encryption_keys():
+        return []
+    from django.db import DatabaseError
+
+    from django_idempotency.models import IdempotencyKey
+
+    messages: list[CheckMessage] = []
+    for database in databases:
+        rows = (
+            IdempotencyKey.objects.using(database)
+            .filter(state=IdempotencyKey.State.COMPLETED)
+            .order_by("-expires")
+            .values_list("scope", "key", "response_status", "response_body")
+        )
+        try:
+            sample = list(rows[:_SAMPLED_ROWS])
+        except DatabaseError:  # not migrated yet: nothing stored to read
+            continue
+        messages.extend(_check_sample(database, sample))
+    return messages
+
+
+def _check_sample(
+    database: str, sample: list[tuple[str, str, int | None, bytes | memoryview]]
+) -> list[CheckMessage]:
+    from django_idempotency import sealing
+    from django_idempotency.exceptions import SnapshotUnreadable
+    from django_idempotency.protocol import Call, Snapshot
+
+    unreadable = clear = 0
+    for scope, key, status, stored in sample:
+        body = bytes(stored)
+        if not sealing.is_sealed(body):
+            clear += 1
+            continue
+        try:
+            sealing.unseal(Snapshot(status or 0, (), body), Call(scope, key, ""))
+        except SnapshotUnreadable:
+            unreadable += 1
+    if unreadable:
+        return [
+            _error(
+                42,
+                f"{unreadable} of the {len(sample)} newest stored responses in database "
+                f"{database!r} cannot be decrypted with IDEMPOTENCY_ENCRYPTION_KEYS.",
+                "Put back the key they were sealed with (older keys go after the newest); "
+                "their replays are refused with 503 until then.",
+            )
+        ]
+    if clear and sealing.enabled():
+        return [
+            Warning(
+                f"{clear} of the {len(sample)} newest stored responses in database "
+                f"{database!r} are stored in clear while encryption is on.",
+                hint="Run manage.py reencrypt_idempotency_keys: until then their replays "
+                "are refused with 503.",
+                id="django_idempotency.W011",
+            )
+        ]
+    return []

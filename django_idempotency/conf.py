@@ -171,6 +171,11 @@ class Settings:
         return value
 
     @property
+    def ENCRYPTION_KEYS(self) -> Any:
+        """Fernet keys, newest first, that stored outcomes are encrypted with; empty: none."""
+        return getattr(settings, "IDEMPOTENCY_ENCRYPTION_KEYS", None) or ()
+
+    @property
     def MAX_BODY_SIZE(self) -> int:
         """Largest response body, in bytes, that is stored for replay."""
         value: int = self._read("IDEMPOTENCY_MAX_BODY_SIZE", 1024 * 1024)

@@ -18,7 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from django_idempotency import engine
+from django_idempotency import engine, redaction
 from django_idempotency.conf import app_settings, load_callable
 from django_idempotency.exceptions import IdempotencyError, KeyMissing
 
@@ -26,7 +26,7 @@ from django_idempotency.exceptions import IdempotencyError, KeyMissing
 from django_idempotency.functions import Block, idempotent_block, idempotent_function
 from django_idempotency.keys import parse_key
 from django_idempotency.policies import ProtocolOptions, Seconds, fit_scope
-from django_idempotency.protocol import Call
+from django_idempotency.protocol import Call, Conclusion, Snapshot
 from django_idempotency.responses import conclude, problem_response, replay_response
 
 ViewFunc = TypeVar("ViewFunc", bound=Callable[..., HttpResponseBase])
@@ -44,6 +44,20 @@ class Options(ProtocolOptions):
     required: bool | None = None
     scope: RequestFunction | str | None = None
     fingerprint: RequestFunction | str | None = None
+    #: ``(request, snapshot) -> snapshot``: what of a response is stored (see redaction.py).
+    redact: Callable[[HttpRequest, Snapshot], Snapshot] | str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Resolved now, so that a wrong hook fails where the view is decorated.
+        object.__setattr__(self, "redact", redaction.resolve(self.redact))
+
+    def kept(self, request: HttpRequest, response: HttpResponseBase) -> Conclusion:
+        """What of ``response`` is stored: :func:`conclude`, then the ``redact`` hook."""
+        conclusion = conclude(request, response)
+        if self.redact is None or not isinstance(conclusion, Snapshot):
+            return conclusion
+        return redaction.apply(self.redact, request, conclusion)  # type: ignore[arg-type]
 
     def protects(self, request: HttpRequest) -> bool:
         methods = app_settings.METHODS if self.methods is None else self.methods
@@ -85,7 +99,7 @@ def protect(
             if guard.replay is not None:
                 return replay_response(guard.replay)
             response = view()
-            guard.conclusion = conclude(request, response)
+            guard.conclusion = options.kept(request, response)
     except IdempotencyError as error:
         return problem_response(error)
     return response
@@ -106,7 +120,7 @@ async def aprotect(
             if guard.replay is not None:
                 return replay_response(guard.replay)
             response = await view()
-            guard.conclusion = await sync_to_async(conclude)(request, response)
+            guard.conclusion = await sync_to_async(options.kept)(request, response)
     except IdempotencyError as error:
         return problem_response(error)
     return response
@@ -128,6 +142,7 @@ def idempotent(
     lease: Seconds | None = None,
     wait: Seconds | None = None,
     store: str | None = None,
+    redact: Callable[[HttpRequest, Snapshot], Snapshot] | str | None = None,
 ) -> Callable[[ViewFunc], ViewFunc]: ...
 
 

@@ -18,6 +18,7 @@ from django.http.response import HttpResponseBase
 from django_idempotency.conf import app_settings, load_callable
 from django_idempotency.decorators import Options, RequestFunction, protect
 from django_idempotency.policies import Seconds
+from django_idempotency.protocol import Snapshot
 
 try:
     from rest_framework.request import Request
@@ -47,6 +48,21 @@ class IdempotencyMixin:
     idempotency_lease: Seconds | None = None
     idempotency_wait: Seconds | None = None
     idempotency_store: str | None = None
+    #: ``(request, snapshot) -> snapshot``: what of a response is stored.
+    idempotency_redact: Callable[[HttpRequest, Snapshot], Snapshot] | str | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A wrong hook fails where the class is defined, like @idempotent(redact=...);
+        # a dotted path is imported at the first request (importing now could cycle).
+        redact = inspect.getattr_static(cls, "idempotency_redact", None)
+        if isinstance(redact, staticmethod):
+            redact = redact.__func__
+        if redact is not None and not isinstance(redact, str) and not callable(redact):
+            raise ImproperlyConfigured(
+                f"{cls.__name__}.idempotency_redact must be a callable (or its dotted path), "
+                f"not {redact!r}."
+            )
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)  # type: ignore[misc]
@@ -82,6 +98,7 @@ class IdempotencyMixin:
             lease=self.get_idempotency_lease(request),
             wait=self.get_idempotency_wait(request),
             store=self.get_idempotency_store(request),
+            redact=self.get_idempotency_redact(request),
         )
 
     def get_idempotency_methods(self, request: Request) -> Collection[str] | None:
@@ -112,6 +129,13 @@ class IdempotencyMixin:
 
     def get_idempotency_store(self, request: Request) -> str | None:
         return self.idempotency_store
+
+    def get_idempotency_redact(
+        self, request: Request
+    ) -> Callable[[HttpRequest, Snapshot], Snapshot] | str | None:
+        # Read statically: a function assigned in the class body is not a method.
+        value = inspect.getattr_static(type(self), "idempotency_redact", None)
+        return value.__func__ if isinstance(value, staticmethod) else value
 
 
 def _protected(

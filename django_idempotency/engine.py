@@ -23,12 +23,13 @@ from typing import Any, Generic, TypeVar
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 
-from django_idempotency import signals
+from django_idempotency import sealing, signals
 from django_idempotency.conf import app_settings
 from django_idempotency.exceptions import (
     FingerprintMismatch,
     IdempotencyError,
     RequestInProgress,
+    SnapshotUnreadable,
     StoreUnavailable,
 )
 from django_idempotency.protocol import (
@@ -50,6 +51,7 @@ __all__ = [
     "ATOMIC",
     "LEASE",
     "MODES",
+    "OUTCOMES",
     "Call",
     "Claim",
     "Conclusion",
@@ -73,6 +75,33 @@ __all__ = [
 logger = logging.getLogger("django_idempotency")
 
 T = TypeVar("T")
+
+#: What became of a protected call, as :data:`signals.finished` reports it.
+EXECUTED = "executed"
+REPLAYED = "replayed"
+CONFLICT = "conflict"
+MISMATCH = "mismatch"
+#: Not run: the store was unavailable (fail closed) or the stored outcome unreadable.
+REFUSED = "refused"
+#: Run after taking over a claim whose lease had ended; its outcome is stored.
+TAKEOVER = "takeover"
+#: Run, but another claim took the key over before the outcome was stored.
+LEASE_LOST = "lease_lost"
+#: Run (or started) and nothing kept: it failed, or its outcome cannot be stored.
+RELEASED = "released"
+#: Run without protection: the store was unavailable and fails open.
+UNPROTECTED = "unprotected"
+OUTCOMES = (
+    EXECUTED,
+    REPLAYED,
+    CONFLICT,
+    MISMATCH,
+    REFUSED,
+    TAKEOVER,
+    LEASE_LOST,
+    RELEASED,
+    UNPROTECTED,
+)
 
 
 @dataclass(frozen=True)
@@ -197,24 +226,31 @@ def protected(call: Call, policy: Policy) -> Iterator[Guard]:
     """
     store = get_store(policy.store)
     policy = _decide_mode(store, policy, asynchronous=False)
-    if policy.mode == ATOMIC:
-        # Claim, execution and completion share one transaction: the protected
-        # code's writes and the stored outcome commit together or not at all.
-        with store.atomic():
-            guard = _guard(store, call, lambda: _claim(store, call, policy))
-            with _executing(store, guard, policy):
-                yield guard
-            _finish_atomic(store, guard, policy)
-    else:
-        guard = _guard(store, call, lambda: _claim_waiting(store, call, policy))
-        try:
-            with _executing(store, guard, policy):
-                yield guard
-        except BaseException:
-            _release_quietly(store, guard)
-            raise
-        _finish_lease(store, guard, policy)
-    _report_outcome(store, guard)
+    watch = _Watch(call, store, policy)
+    try:
+        if policy.mode == ATOMIC:
+            # Claim, execution and completion share one transaction: the protected
+            # code's writes and the stored outcome commit together or not at all.
+            with store.atomic():
+                guard = _guard(store, call, lambda: _claim(store, call, policy))
+                watch.claimed()
+                with _executing(store, guard, policy):
+                    yield guard
+                outcome = _finish_atomic(store, guard, policy)
+        else:
+            guard = _guard(store, call, lambda: _claim_waiting(store, call, policy))
+            watch.claimed()
+            try:
+                with _executing(store, guard, policy):
+                    yield guard
+            except BaseException:
+                _release_quietly(store, guard)
+                raise
+            outcome = _finish_lease(store, guard, policy)
+    except BaseException as error:
+        watch.report(_failure(error))
+        raise
+    _report(store, guard, watch, outcome)
 
 
 @contextlib.asynccontextmanager
@@ -226,20 +262,27 @@ async def aprotected(call: Call, policy: Policy) -> AsyncIterator[Guard]:
     """
     store = get_store(policy.store)
     policy = _decide_mode(store, policy, asynchronous=True)
+    watch = _Watch(call, store, policy)
     try:
-        guard = Guard(call, await _claim_waiting_async(store, call, policy))
-    except IdempotencyError as error:
-        guard = await sync_to_async(_refused)(store, call, error)
-    if guard.execution is not None:
         try:
+            guard = Guard(call, await _claim_waiting_async(store, call, policy))
+        except IdempotencyError as error:
+            guard = await sync_to_async(_refused)(store, call, error)
+        watch.claimed()
+        if guard.execution is not None:
+            try:
+                yield guard
+            except BaseException:
+                await sync_to_async(_release_quietly)(store, guard)
+                raise
+            outcome = await sync_to_async(_finish_lease)(store, guard, policy)
+        else:
             yield guard
-        except BaseException:
-            await sync_to_async(_release_quietly)(store, guard)
-            raise
-        await sync_to_async(_finish_lease)(store, guard, policy)
-    else:
-        yield guard
-    await sync_to_async(_report_outcome)(store, guard)
+            outcome = _settled(guard)
+    except BaseException as error:
+        await sync_to_async(watch.report)(_failure(error))
+        raise
+    await sync_to_async(_report)(store, guard, watch, outcome)
 
 
 def async_mode_refusal(mode: str | None) -> str | None:
@@ -298,37 +341,45 @@ def _refused(store: Store, call: Call, error: IdempotencyError) -> Guard:
     raise error
 
 
-def _finish_atomic(store: Store, guard: Guard, policy: Policy) -> None:
+def _finish_atomic(store: Store, guard: Guard, policy: Policy) -> str:
+    """Store the outcome or undo; say what became of the call (an ``OUTCOMES`` value)."""
     claim = guard.execution
     if claim is None:
-        return
+        return _settled(guard)
     conclusion = guard.conclusion
     if conclusion is Discard.FAILURE or store.rollback_pending():
         store.set_rollback()
-    elif conclusion is Discard.UNSTORABLE:
-        store.release(claim)
-    else:
-        store.complete(claim, conclusion, policy)
+        return RELEASED
+    if conclusion is Discard.UNSTORABLE:
+        _timed(store, "release", store.release, claim)
+        return RELEASED
+    sealed = sealing.seal(conclusion, claim.call)
+    _timed(store, "complete", store.complete, claim, sealed, policy)
+    return _settled(guard)
 
 
-def _finish_lease(store: Store, guard: Guard, policy: Policy) -> None:
+def _finish_lease(store: Store, guard: Guard, policy: Policy) -> str:
+    """Store the outcome or free the key; say what became of the call."""
     claim, conclusion = guard.execution, guard.conclusion
     if claim is None:
-        return
+        return _settled(guard)
     if not isinstance(conclusion, Snapshot):
         _release_quietly(store, guard)
-        return
+        return RELEASED
+    sealed = sealing.seal(conclusion, claim.call)
     try:
-        completed = store.complete(claim, conclusion, policy)
+        completed = _timed(store, "complete", store.complete, claim, sealed, policy)
     except StoreUnavailable:
         # The code ran: its result goes back to the caller all the same; a
         # retry after the lease ends runs again.
         logger.error(
             "Store %r unavailable: the outcome of %s was not stored", store.alias, guard.call
         )
-        return
+        return RELEASED
     if not completed:
         logger.error("Lease lost: %s was taken over before it completed; not stored", guard.call)
+        return LEASE_LOST
+    return _settled(guard)
 
 
 def _release_quietly(store: Store, guard: Guard) -> None:
@@ -337,7 +388,7 @@ def _release_quietly(store: Store, guard: Guard) -> None:
     if claim is None:
         return
     try:
-        store.release(claim)
+        _timed(store, "release", store.release, claim)
     except StoreUnavailable:
         logger.error(
             "Store %r unavailable: %s stays claimed until its lease ends", store.alias, guard.call
@@ -362,7 +413,16 @@ def _claimed(store: Store, claim: Claim) -> Claim:
 
 
 def _claim(store: Store, call: Call, policy: Policy) -> Claim:
-    return _claimed(store, store.claim(call, policy))
+    claim = _claimed(store, _timed(store, "claim", store.claim, call, policy))
+    if isinstance(claim, Replay):
+        # Decrypted here, where every path reads a stored outcome (see sealing.py).
+        return replace(claim, snapshot=sealing.unseal(claim.snapshot, claim.call))
+    return claim
+
+
+def _report(store: Store, guard: Guard, watch: _Watch, outcome: str) -> None:
+    _report_outcome(store, guard)
+    watch.report(outcome)
 
 
 def _claim_waiting(store: Store, call: Call, policy: Policy) -> Claim:
@@ -396,3 +456,67 @@ def _pauses(deadline: float) -> Iterator[float]:
     while (remaining := deadline - time.monotonic()) > 0:
         yield min(pause, remaining)
         pause = min(pause * 2, 1.0)
+
+
+# What the engine reports besides its signals of events (otel.py builds on it) -----
+
+
+class _Watch:
+    """Times one protected call and reports what became of it (:data:`signals.finished`)."""
+
+    def __init__(self, call: Call, store: Store, policy: Policy) -> None:
+        self.call, self.store, self.mode = call, store, policy.mode or ""
+        self.started = time.time_ns()
+        self._start = time.perf_counter()
+        self.claim_wait: float | None = None
+
+    def claimed(self) -> None:
+        self.claim_wait = time.perf_counter() - self._start
+
+    def report(self, outcome: str) -> None:
+        duration = time.perf_counter() - self._start
+        signals.finished.send(
+            sender=type(self.store),
+            call=self.call,
+            store=self.store.alias,
+            mode=self.mode,
+            outcome=outcome,
+            started=self.started,
+            duration=duration,
+            claim_wait=duration if self.claim_wait is None else self.claim_wait,
+        )
+
+
+def _settled(guard: Guard) -> str:
+    """The outcome of a call whose claim ended normally."""
+    claim = guard.claim
+    if claim is None:
+        return UNPROTECTED
+    if isinstance(claim, Replay):
+        return REPLAYED
+    return TAKEOVER if claim.takeover else EXECUTED
+
+
+def _failure(error: BaseException) -> str:
+    """The outcome of a call that ended with ``error``."""
+    if isinstance(error, RequestInProgress):
+        return CONFLICT
+    if isinstance(error, FingerprintMismatch):
+        return MISMATCH
+    if isinstance(error, StoreUnavailable | SnapshotUnreadable):
+        return REFUSED
+    return RELEASED
+
+
+def _timed(store: Store, operation: str, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``, a store operation, timed for :data:`signals.store_called`."""
+    start = time.perf_counter()
+    try:
+        return function(*args)
+    finally:
+        signals.store_called.send(
+            sender=type(store),
+            store=store.alias,
+            operation=operation,
+            duration=time.perf_counter() - start,
+        )

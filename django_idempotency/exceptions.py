@@ -75,3 +75,16 @@ class StoreUnavailable(IdempotencyError):
     status = 503
     slug = "store-unavailable"
     title = "Idempotency store unavailable"
+
+
+class SnapshotUnreadable(IdempotencyError):
+    """A stored outcome could not be decrypted or verified; nothing is replayed or run.
+
+    The row was tampered with, or was sealed with a key that is no longer
+    configured. The key stays taken: running the request again could repeat
+    an effect that already happened.
+    """
+
+    status = 503
+    slug = "snapshot-unreadable"
+    title = "Stored idempotent response unreadable"

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from django.core.exceptions import ImproperlyConfigured
 from django.core.serializers.json import DjangoJSONEncoder
 
-from django_idempotency import engine
+from django_idempotency import engine, redaction
 from django_idempotency.exceptions import KeyMalformed
 from django_idempotency.policies import ProtocolOptions, Seconds, fit_scope
 from django_idempotency.protocol import Call, Snapshot
@@ -51,13 +51,15 @@ def idempotent_block(
     wait: Seconds | None = None,
     retention: Seconds | None = None,
     store: str | None = None,
+    redact: Callable[[Any], Any] | None = None,
 ) -> contextlib.AbstractContextManager[Block]:
     """Run a block at most once per (scope, key); for code that is not a function.
 
     ``payload`` is the JSON-serialisable data the key stands for: reusing the
     key with a different payload raises ``FingerprintMismatch``. A duplicate
     while the first block runs raises ``RequestInProgress`` (after waiting up to
-    ``wait`` seconds); an exception in the block frees the key. In ``atomic``
+    ``wait`` seconds); an exception in the block frees the key. ``redact``,
+    called with the result, returns what is stored instead. In ``atomic``
     mode the block runs in the store's transaction, so its own database writes
     and the stored result commit together::
 
@@ -70,7 +72,7 @@ def idempotent_block(
     call = Call(
         scope=fit_scope(scope), key=_function_key(key), fingerprint=_payload_fingerprint(payload)
     )
-    return _protected_block(call, options)
+    return _protected_block(call, options, redaction.resolve(redact))
 
 
 def idempotent_function(
@@ -83,6 +85,7 @@ def idempotent_function(
     wait: Seconds | None = None,
     retention: Seconds | None = None,
     store: str | None = None,
+    redact: Callable[[Any], Any] | None = None,
 ) -> Callable[[Function], Function]:
     """Make a function (task, queue consumer, webhook handler) run once per key.
 
@@ -93,9 +96,12 @@ def idempotent_function(
     that must match for a repeat to be the same call; by default all the
     arguments. The result must be JSON-serialisable: it is stored, and a
     repeat returns it (decoded from JSON, as the first call does) without
-    running the function. Otherwise as :func:`idempotent_block`.
+    running the function. ``redact``, called with the result, returns what is
+    stored instead (the first call still returns the whole result). Otherwise
+    as :func:`idempotent_block`.
     """
     options = ProtocolOptions(mode=mode, lease=lease, wait=wait, retention=retention, store=store)
+    redact_result = redaction.resolve(redact)
     if not callable(key):
         raise ImproperlyConfigured(
             "idempotent_function(key=...) must be a callable receiving the function's "
@@ -130,7 +136,7 @@ def idempotent_function(
 
         @wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with _protected_block(call_of(args, kwargs), options) as block:
+            with _protected_block(call_of(args, kwargs), options, redact_result) as block:
                 if not block.replayed:
                     block.result = func(*args, **kwargs)
             return block.result
@@ -141,7 +147,9 @@ def idempotent_function(
 
 
 @contextlib.contextmanager
-def _protected_block(call: Call, options: ProtocolOptions) -> Iterator[Block]:
+def _protected_block(
+    call: Call, options: ProtocolOptions, redact: Callable[[Any], Any] | None = None
+) -> Iterator[Block]:
     with engine.protected(call, options.policy()) as guard:
         if guard.replay is not None:
             yield Block(replayed=True, result=json.loads(guard.replay.body))
@@ -150,7 +158,8 @@ def _protected_block(call: Call, options: ProtocolOptions) -> Iterator[Block]:
         yield block
         # Raising here (a result that is not JSON) frees the key like any error.
         body = _result_body(block.result)
-        guard.conclusion = Snapshot(status=200, headers=_RESULT_HEADERS, body=body)
+        stored = body if redact is None else _result_body(redact(json.loads(body)))
+        guard.conclusion = Snapshot(status=200, headers=_RESULT_HEADERS, body=stored)
         block.result = json.loads(body)
 
 

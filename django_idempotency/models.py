@@ -73,6 +73,10 @@ class IdempotencyKey(models.Model):
             models.UniqueConstraint(fields=("scope", "key"), name="idempotency_scope_key_uniq"),
         )
         indexes = (models.Index(fields=("expires",), name="idempotency_expires_idx"),)
+        # Seeing stored responses in clear when they are encrypted at rest
+        # (IDEMPOTENCY_ENCRYPTION_KEYS): separate from "view", which shows
+        # them as "encrypted, N bytes".
+        permissions = (("view_decrypted_response", _("Can view decrypted stored responses")),)
 
     def __str__(self) -> str:
         return f"{self.scope} / {self.key}"

@@ -1,6 +1,13 @@
-"""Scope functions: the namespace a key is unique in."""
+"""Scope functions: the namespace a key is unique in.
+
+A scope is stored in clear beside each key and shown in the admin, so it holds
+identifiers (a primary key, a tenant id), never personal data such as a user
+name or an e-mail address.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from django.http import HttpRequest
 
@@ -14,5 +21,10 @@ def user_scope(request: HttpRequest) -> str:
     """
     user = getattr(request, "user", None)
     if user is not None and user.is_authenticated:
-        return f"user:{user.pk}"
+        return scope_of_user(user)
     return ANONYMOUS_SCOPE
+
+
+def scope_of_user(user: Any) -> str:
+    """The scope :func:`user_scope` gives ``user``'s requests: its primary key only."""
+    return f"user:{user.pk}"

@@ -120,11 +120,16 @@ def test_wheel_metadata(dists: Distributions) -> None:
     assert metadata["License-Expression"] == "MIT"
     assert metadata["Requires-Python"] == ">=3.10"
     extras = set(metadata.get_all("Provides-Extra") or [])
-    assert extras == {"drf", "redis", "spectacular", "celery"}
+    assert extras == {"drf", "redis", "spectacular", "celery", "crypto", "otel"}
     requirements = metadata.get_all("Requires-Dist") or []
     assert "Django>=5.2" in requirements
     assert 'drf-spectacular>=0.28; extra == "spectacular"' in requirements
     assert 'celery>=5.4; extra == "celery"' in requirements
+    assert 'cryptography>=42; extra == "crypto"' in requirements
+    # The API only: the SDK and exporters are the project's choice.
+    assert [r for r in requirements if 'extra == "otel"' in r] == [
+        'opentelemetry-api>=1.25; extra == "otel"'
+    ]
     classifiers = set(metadata.get_all("Classifier") or [])
     for django in ("5.2", "6.0", "6.1"):
         assert f"Framework :: Django :: {django}" in classifiers

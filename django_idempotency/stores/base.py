@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.protocol import Call, Claim, Execute, Policy, Snapshot
+
+if TYPE_CHECKING:
+    from django_idempotency.sealing import Resealing
 
 
 class Store:
@@ -58,3 +61,11 @@ class Store:
     def release(self, claim: Execute) -> None:
         """Free the key if ``claim`` still owns it."""
         raise NotImplementedError
+
+    def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
+        """Delete every key of ``scope``, whatever its state; return how many (there were)."""
+        raise NotImplementedError(f"The {type(self).__name__} store cannot erase by scope.")
+
+    def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:
+        """Encrypt every stored outcome with the newest key (see :mod:`..sealing`)."""
+        raise NotImplementedError(f"The {type(self).__name__} store cannot re-encrypt.")

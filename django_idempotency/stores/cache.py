@@ -19,6 +19,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -35,9 +36,13 @@ from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from django_idempotency import sealing
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
 from django_idempotency.protocol import Call, Claim, Execute, Policy, Replay, Snapshot
+from django_idempotency.sealing import Resealing
 from django_idempotency.stores.base import Store
+
+logger = logging.getLogger("django_idempotency")
 
 IN_PROGRESS = "in_progress"
 COMPLETED = "completed"
@@ -107,6 +112,28 @@ return 0
 """
 
 
+# KEYS[1]: a record. ARGV[1]: the scope. Deletes it if it belongs to the scope
+# (its name holds only a digest of the scope).
+_ERASE = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw).scope == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS[1]: a record. ARGV[1]: its value as read, ARGV[2]: the new value.
+# Replaces it, keeping its time to live, only if nothing changed it meanwhile.
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+"""
+
+
 class CacheStore(Store):
     """Keys in Redis, through a django-redis cache; supports ``lease`` only.
 
@@ -165,9 +192,71 @@ class CacheStore(Store):
         return None if raw is None else _loads(raw)
 
     def record_name(self, scope: str, key: str) -> str:
-        """The Redis key of (scope, key): hashed, so any scope and key fit unambiguously."""
+        """The Redis key of (scope, key): hashed, so any scope and key fit unambiguously.
+
+        It starts with a digest of the scope alone, so that :meth:`erase` finds
+        a scope's records with ``SCAN MATCH``.
+        """
         digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
-        name: str = caches[self.cache].make_key(f"django_idempotency:{digest}")
+        return self._name(f"{_scope_digest(scope)}:{digest}")
+
+    def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
+        pattern = f"{_glob_escape(self._name(_scope_digest(scope)))}:*"
+        erased = 0
+        with self._reachable() as client:
+            erase = client.register_script(_ERASE)
+            for name in client.scan_iter(match=pattern, count=batch_size):
+                if dry_run:
+                    raw = client.get(name)
+                    erased += raw is not None and _loads(raw).get("scope") == scope
+                else:
+                    erased += int(erase(keys=[name], args=[scope], client=client))
+        return erased
+
+    def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:
+        done = Resealing()
+        with self._reachable() as client:
+            swap = client.register_script(_SWAP)
+            for name in client.scan_iter(
+                match=f"{_glob_escape(self._name(''))}*", count=batch_size
+            ):
+                raw = client.get(name)
+                record = None if raw is None else _loads(raw)
+                if raw is None or record is None or record.get("state") != COMPLETED:
+                    continue
+                done += Resealing(examined=1) + self._reseal_record(
+                    swap, client, name, raw, record, dry_run
+                )
+        return done
+
+    def _reseal_record(
+        self,
+        swap: Any,
+        client: Redis,
+        name: bytes,
+        raw: bytes | str,
+        record: dict[str, Any],
+        dry_run: bool,
+    ) -> Resealing:
+        body = base64.b64decode(record.get("body", ""))
+        try:
+            sealed = sealing.reseal(
+                body, record["scope"], record["key"], record.get("headers") or ()
+            )
+        except sealing.Undecryptable:
+            logger.error("Not re-encrypted: no configured key decrypts Redis key %r", name)
+            return Resealing(unreadable=1)
+        if sealed is None:
+            return Resealing()
+        if not dry_run:
+            record.update(headers=[], body=base64.b64encode(sealed).decode("ascii"))
+            # Swapped only if unchanged since read: a key claimed again meanwhile keeps its state.
+            if not swap(keys=[name], args=[raw, _dumps(record)], client=client):
+                return Resealing()
+        return Resealing(resealed=1)
+
+    def _name(self, suffix: str) -> str:
+        name: str = caches[self.cache].make_key(f"django_idempotency:{suffix}")
         return name
 
     @contextlib.contextmanager
@@ -245,6 +334,15 @@ def _snapshot(record: dict[str, Any]) -> Snapshot:
         headers=tuple((str(name), str(value)) for name, value in headers),
         body=base64.b64decode(record.get("body", "")),
     )
+
+
+def _scope_digest(scope: str) -> str:
+    return hashlib.sha256(scope.encode()).hexdigest()[:32]
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by ``SCAN MATCH`` (a KEY_PREFIX may hold ``*`` or ``[``)."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def _dumps(record: dict[str, Any]) -> str:

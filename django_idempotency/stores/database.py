@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import logging
 import math
 import threading
 import time
@@ -26,12 +27,16 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import F
 from django.utils import timezone
 
+from django_idempotency import sealing
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
 from django_idempotency.protocol import ATOMIC, Call, Claim, Execute, Policy, Replay, Snapshot
+from django_idempotency.sealing import Resealing
 from django_idempotency.stores import postgresql, sql
 from django_idempotency.stores.base import Store
 from django_idempotency.stores.sql import Inserted
+
+logger = logging.getLogger("django_idempotency")
 
 State = IdempotencyKey.State
 
@@ -152,6 +157,68 @@ class DatabaseStore(Store):
         prepare = self.prepares_statements
         with _reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
             cursor.execute(sql.statements(connection).release, params)
+
+    def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
+        keys = IdempotencyKey.objects.using(self.db).filter(scope=scope)
+        if dry_run:
+            return keys.count()
+        erased = 0
+        while batch := list(keys.values_list("pk", flat=True)[:batch_size]):
+            erased += keys.filter(pk__in=batch).delete()[0]
+        # What the keys' executions recorded goes with them: step results, and
+        # outbox messages already sent (pending ones are effects still owed).
+        IdempotencyStep.objects.using(self.db).filter(scope=scope).delete()
+        OutboxMessage.objects.using(self.db).filter(
+            scope=scope, state=OutboxMessage.State.SENT
+        ).delete()
+        return erased
+
+    def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:
+        rows = (
+            IdempotencyKey.objects.using(self.db)
+            .filter(state=State.COMPLETED)
+            .order_by("pk")
+            .values_list("pk", "scope", "key", "token", "response_headers", "response_body")
+        )
+        done, last = Resealing(), 0
+        while batch := list(rows.filter(pk__gt=last)[:batch_size]):
+            last = batch[-1][0]
+            # One short transaction per batch: one commit, row locks held briefly.
+            with transaction.atomic(using=self.db):
+                done += Resealing(examined=len(batch))
+                for pk, scope, key, token, headers, body in batch:
+                    done += self._reseal_row(pk, scope, key, token, headers, body, dry_run)
+        return done
+
+    def _reseal_row(
+        self,
+        pk: int,
+        scope: str,
+        key: str,
+        token: str,
+        headers: Any,
+        body: bytes | memoryview,
+        dry_run: bool,
+    ) -> Resealing:
+        try:
+            sealed = sealing.reseal(bytes(body), scope, key, headers)
+        except sealing.Undecryptable:
+            logger.error(
+                "Not re-encrypted: no configured key decrypts scope=%r key %r…", scope, key[:8]
+            )
+            return Resealing(unreadable=1)
+        if sealed is None:
+            return Resealing()
+        if not dry_run:
+            # Only the completion this run read: a key claimed again since keeps its new state.
+            updated = (
+                IdempotencyKey.objects.using(self.db)
+                .filter(pk=pk, token=token, state=State.COMPLETED)
+                .update(response_body=sealed, response_headers=[])
+            )
+            if not updated:
+                return Resealing()
+        return Resealing(resealed=1)
 
     def _claim(self, connection: BaseDatabaseWrapper, call: Call, policy: Policy) -> Claim:
         """The claim loop, the same on every database; only the insert differs.

@@ -1,0 +1,145 @@
+"""What encrypting stored responses costs: a 1 KiB body, first execution and replay.
+
+    python benchmarks/encryption.py --database-url sqlite:////tmp/encbench.sqlite3
+    python benchmarks/encryption.py --database-url postgres://postgres@127.0.0.1:5432/encbench
+
+In one process and one database, the same protected view (a 1 KiB JSON
+body, nothing else) is called through Django's request handling with
+``IDEMPOTENCY_ENCRYPTION_KEYS`` off and on, in alternating rounds, so that
+both see the same machine and the same table. Each request is timed on its
+own; the medians and their difference are printed as Markdown, with the
+cost of sealing and unsealing alone beside them. The database is created
+under the name given (which must contain "bench") and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY_SIZE = 1024
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--database-url", required=True, help="database to create, use, drop")
+    parser.add_argument("--rounds", type=int, default=10, help="alternations of off and on")
+    parser.add_argument("--requests", type=int, default=200, help="requests per round and case")
+    parser.add_argument("--mode", choices=("atomic", "lease"), default="atomic")
+    args = parser.parse_args(argv)
+    name = Path(urlsplit(args.database_url).path).name
+    if "bench" not in name:
+        parser.error(f"the database name must contain 'bench' (it is dropped): {name!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    os.environ["BENCH_DATABASE_URL"] = args.database_url
+    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+    from django.db import connection
+
+    connection.creation.create_test_db(verbosity=0, serialize=False)
+    try:
+        print(measure(args))
+    finally:
+        connection.creation.destroy_test_db(connection.settings_dict["NAME"], verbosity=0)
+
+
+def measure(args: argparse.Namespace) -> str:
+    from cryptography.fernet import Fernet
+    from django.http import HttpRequest, HttpResponse
+    from django.test import RequestFactory, override_settings
+
+    from django_idempotency import sealing
+    from django_idempotency.decorators import idempotent
+    from django_idempotency.engine import Call, Snapshot
+
+    payload = b'{"data":"' + b"x" * (BODY_SIZE - 11) + b'"}'
+    assert len(payload) == BODY_SIZE
+
+    @idempotent(mode=args.mode)
+    def view(request: HttpRequest) -> HttpResponse:
+        response = HttpResponse(payload, content_type="application/json", status=201)
+        response["Location"] = "/orders/1/"
+        return response
+
+    factory = RequestFactory()
+
+    def request(key: str) -> Callable[[], object]:
+        built = factory.post(
+            "/", b"{}", content_type="application/json", headers={"Idempotency-Key": key}
+        )
+        return lambda: view(built)
+
+    cases: dict[tuple[str, str], list[float]] = {}
+    settings_of = {"off": [], "on": [Fernet.generate_key().decode()]}
+    for round_ in range(args.rounds):
+        # Off and on alternate request by request, each first half of the
+        # time: both see the same load on a shared machine.
+        order = ("off", "on") if round_ % 2 == 0 else ("on", "off")
+        for case in ("first execution", "replay"):
+            for n in range(args.requests):
+                for state in order:
+                    with override_settings(IDEMPOTENCY_ENCRYPTION_KEYS=settings_of[state]):
+                        call = request(f"{state}-{round_}-{n}")
+                        start = time.perf_counter()
+                        call()
+                        cases.setdefault((case, state), []).append(time.perf_counter() - start)
+
+    call = Call("user:1", "k", "")
+    snapshot = Snapshot(201, (("Content-Type", "application/json"),), payload)
+    with override_settings(IDEMPOTENCY_ENCRYPTION_KEYS=settings_of["on"]):
+        sealed = sealing.seal(snapshot, call)
+        seal_us = _per_call(lambda: sealing.seal(snapshot, call))
+        unseal_us = _per_call(lambda: sealing.unseal(sealed, call))
+
+    lines = [
+        f"Encryption of a {BODY_SIZE}-byte body, {args.mode} mode, "
+        f"{connection_vendor()}; {args.rounds} rounds x {args.requests} requests per case; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end.",
+        "",
+        "| request | off (median, ms) | on (median, ms) | on - off, paired (median, ms) |",
+        "|---|---:|---:|---:|",
+    ]
+    for case in ("first execution", "replay"):
+        off, on = cases[(case, "off")], cases[(case, "on")]
+        # Request n with encryption on ran right beside request n without.
+        paired = statistics.median(b - a for a, b in zip(off, on, strict=True)) * 1000
+        lines.append(
+            f"| {case} | {statistics.median(off) * 1000:.3f} | "
+            f"{statistics.median(on) * 1000:.3f} | {paired:+.3f} |"
+        )
+    lines += [
+        "",
+        f"Sealing alone: {seal_us:.1f} µs; unsealing alone: {unseal_us:.1f} µs (best of 5); "
+        f"stored size {len(sealed.body)} bytes for {BODY_SIZE} bytes of body and its headers.",
+    ]
+    return "\n".join(lines)
+
+
+def connection_vendor() -> str:
+    from django.db import connection
+
+    return str(connection.display_name)
+
+
+def _per_call(function: Callable[[], object], number: int = 1000) -> float:
+    """Microseconds per call, best of five runs (the least disturbed by other load)."""
+    return min(timeit.repeat(function, number=number, repeat=5)) / number * 1e6
+
+
+if __name__ == "__main__":
+    main()
