@@ -99,7 +99,11 @@ def postgres(session: nox.Session) -> None:
     django = OLDEST_DJANGO
     session.install("-e", ".[drf,redis]", *test_groups(), DJANGO[django], DRF[django])
     session.run("python", "-c", SHOW_VERSIONS)
-    args = session.posargs or ("-m", "not browser and not packaging and not broker")
+    # Services of their own (brokers, a Redis Cluster, PgBouncer) run once, in `make test`.
+    args = session.posargs or (
+        "-m",
+        "not browser and not packaging and not broker and not redis_cluster and not pgbouncer",
+    )
     session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *args)
 
 

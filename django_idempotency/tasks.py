@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar, overload
@@ -31,7 +32,7 @@ from django.core.checks import CheckMessage, Warning
 from django.core.exceptions import ImproperlyConfigured
 
 from django_idempotency.exceptions import KeyMissing, RequestInProgress
-from django_idempotency.functions import idempotent_block
+from django_idempotency.functions import Block, idempotent_block
 from django_idempotency.policies import ProtocolOptions, Seconds
 
 Function = TypeVar("Function", bound=Callable[..., Any])
@@ -164,7 +165,9 @@ def idempotent_task(
     return decorator(func) if func is not None else decorator
 
 
-def _block(settings: TaskOptions, delivery: Delivery, kwargs: dict[str, Any]) -> Any:
+def _block(
+    settings: TaskOptions, delivery: Delivery, kwargs: dict[str, Any]
+) -> AbstractContextManager[Block]:
     args = delivery.args
     if settings.key is not None:
         key = settings.key(*args, **kwargs)

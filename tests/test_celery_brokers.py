@@ -16,8 +16,11 @@ without them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,6 +190,39 @@ def test_a_raising_task_stores_nothing_and_its_retry_books_once(cluster: Cluster
     assert cluster.count(r"Retry in \d+s: TransientError") == 1
     assert cluster.effects(event["id"]) == 1
     assert cluster.replayed() == 0
+    assert_drained(cluster)
+
+
+def test_an_outbox_message_relayed_twice_runs_its_task_once(cluster: Cluster) -> None:
+    """The relay publishes at least once; the task id is the message id, the task's key."""
+    event = {"id": new_id("outbox")}
+    message_id = str(uuid.uuid4())
+    cluster.database.rows(
+        "INSERT INTO django_idempotency_outboxmessage (id, topic, payload, state, attempts, "
+        "next_attempt, last_error, created, scope, idempotency_key, step) VALUES "
+        "(%s, 'brokered.book_by_message', %s, 'pending', 0, now(), '', now(), '', '', '')",
+        [message_id, json.dumps({"event": event})],
+    )
+    cluster.start(1)
+
+    cluster.relay_outbox()
+    cluster.wait_until(lambda: cluster.succeeded() == 1, "the relayed task to run")
+    # As if the relay had died after publishing, before recording it: sent again.
+    cluster.database.rows(
+        "UPDATE django_idempotency_outboxmessage SET state = 'pending', sent = NULL, "
+        "next_attempt = now() WHERE id = %s",
+        [message_id],
+    )
+    cluster.relay_outbox()
+    cluster.wait_until(lambda: cluster.succeeded() == 2, "the second publish to be consumed")
+
+    assert cluster.count(re.escape(f"[{message_id}] succeeded")) == 2
+    assert cluster.effects(event["id"]) == 1
+    assert cluster.replayed() == 1
+    state = cluster.database.value(
+        "SELECT state FROM django_idempotency_outboxmessage WHERE id = %s", [message_id]
+    )
+    assert state == "sent"
     assert_drained(cluster)
 
 

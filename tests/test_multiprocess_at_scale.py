@@ -307,9 +307,9 @@ def bouncer_shop(
     url = harness.postgres_url()
     assert url is not None
     work = tmp_path_factory.mktemp("bouncer-shop")
-    extra = {"MP_BEHIND_POOLER": "1", "PREPARE_THRESHOLD": ""}
+    extra = {"MP_BEHIND_POOLER": "1", "PREPARE_THRESHOLD": "", "MP_STORE_PREPARE": "0"}
     if pgbouncer_server.prepared_statements:
-        extra["PREPARE_THRESHOLD"] = "0"
+        extra.update(PREPARE_THRESHOLD="0", MP_STORE_PREPARE="1")
     with (
         harness.scratch_database(url) as database_url,
         running_shop(work, through(pgbouncer_server, database_url), database_url, extra) as shop,

@@ -5,7 +5,8 @@ every connection of the ``default`` alias goes through PgBouncer for this
 module: the claim's advisory lock, the lock waits (``SET LOCAL``), atomic
 mode's transaction around the view and lease mode's one-statement claims
 must all hold when consecutive transactions of one Django connection land
-on different server connections. Prepared statements are on where
+on different server connections. Prepared statements (the store's own,
+option ``PREPARE``, and psycopg's ``prepare_threshold``) are on where
 PgBouncer keeps them across transactions (1.21 and later, with
 ``max_prepared_statements``) and off where it does not.
 
@@ -95,10 +96,19 @@ def through_pgbouncer(
             settings_dict["DISABLE_SERVER_SIDE_CURSORS"] = saved_cursors
 
 
+@pytest.fixture(autouse=True)
+def stores_for_the_pooler(settings: Any, through_pgbouncer: PgBouncer) -> None:
+    """The database store prepares its statements only where PgBouncer keeps them."""
+    database = {
+        **STORES[DATABASE],
+        "OPTIONS": {"PREPARE": through_pgbouncer.prepared_statements},
+    }
+    settings.IDEMPOTENCY_STORES = {**STORES, "default": database, DATABASE: database}
+
+
 @pytest.fixture(name="lease_store")
 def lease_store_fixture(settings: Any) -> str:
     """The database store only, in lease mode."""
-    settings.IDEMPOTENCY_STORES = STORES
     settings.IDEMPOTENCY_STORE = DATABASE
     settings.IDEMPOTENCY_MODE = "lease"
     return DATABASE

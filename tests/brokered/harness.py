@@ -237,6 +237,21 @@ class Cluster:
         finally:
             publisher.close()
 
+    def relay_outbox(self) -> str:
+        """One pass of the outbox relay (``relay_idempotency_outbox --once``); its output."""
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.brokered.relay"],
+            cwd=ROOT,
+            env=self.environ(),
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the relay failed:\n{done.stdout}\n{done.stderr}")
+        return done.stdout
+
     def logs(self) -> str:
         return "\n".join(worker.text() for worker in self.workers)
 

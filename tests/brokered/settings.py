@@ -18,6 +18,9 @@ DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ.get("BROKER_TEST_CONN_MAX_
 
 INSTALLED_APPS = [*INSTALLED_APPS, "django_tasks_db"]
 
+# The outbox relay publishes to Celery (tests/brokered/relay.py).
+IDEMPOTENCY_OUTBOX_SENDER = "django_idempotency.celery.send_outbox_message"
+
 # Django's tasks: the database backend, whose worker is `manage.py db_worker`.
 TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
 

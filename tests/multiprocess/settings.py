@@ -60,8 +60,13 @@ if os.environ.get("MP_REDIS_CLUSTER"):
 
 if os.environ.get("MP_BEHIND_POOLER"):
     # PgBouncer in transaction pooling mode: no cursor may outlive its
-    # transaction, and statements are prepared only where it keeps them.
+    # transaction, and statements are prepared only where it keeps them
+    # (MP_STORE_PREPARE: "1" for PgBouncer 1.21+ with max_prepared_statements).
     DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
+    IDEMPOTENCY_STORES["default"] = {
+        "BACKEND": "django_idempotency.stores.database.DatabaseStore",
+        "OPTIONS": {"PREPARE": os.environ.get("MP_STORE_PREPARE") == "1"},
+    }
     if os.environ.get("PREPARE_THRESHOLD"):
         DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = int(
             os.environ["PREPARE_THRESHOLD"]
