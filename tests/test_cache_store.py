@@ -266,7 +266,8 @@ def test_a_lease_longer_than_the_retention_keeps_the_claim_alive(
     assert get_redis_connection("redis").pttl(name) > 590_000
 
 
-def test_a_key_without_a_record_is_claimed_by_the_script(redis_store: CacheStore) -> None:
+def test_a_record_gone_from_redis_is_claimed_anew(redis_store: CacheStore) -> None:
+    """The claim script stores a new record where there is none (or it expired)."""
     client = get_redis_connection("redis")
     name = redis_store.record_name(CALL.scope, CALL.key)
     fresh = json.dumps({"state": "in_progress", "token": "t", "fingerprint": CALL.fingerprint})
