@@ -57,27 +57,30 @@ class Settings:
     """
 
     def __init__(self) -> None:
-        self._read_values: dict[str, Any] = {}
-        self._read_from: object = empty
+        # The settings object the values were read from, and the values: one
+        # pair, replaced whole, so that a thread still reading the settings
+        # that were just replaced keeps its value out of the new pair.
+        self._kept: tuple[object, dict[str, Any]] = (empty, {})
 
     def _read(self, name: str, default: Any) -> Any:
         # override_settings (and pytest-django's ``settings``, which deletes
         # without a signal) put new settings in place: kept values go with it.
         source = cast(Any, settings)._wrapped
-        if source is not self._read_from:
-            self._read_values.clear()
-            self._read_from = source
+        kept_from, values = self._kept
+        if kept_from is not source:
+            values = {}
+            self._kept = (source, values)
         try:
-            return self._read_values[name]
+            return values[name]
         except KeyError:
             value = getattr(settings, name, default)
             if source is not empty:  # not configured yet: never keep
-                self._read_values[name] = value
+                values[name] = value
             return value
 
     def forget(self) -> None:
         """Read every setting afresh from now on."""
-        self._read_values.clear()
+        self._kept = (empty, {})
 
     @property
     def HEADER(self) -> str:
