@@ -135,7 +135,7 @@ def wheel(session: nox.Session) -> None:
     suite = work / "suite"
     shutil.rmtree(suite, ignore_errors=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.sqlite3")
-    for directory in ("tests", "example_project"):
+    for directory in ("tests", "example_project", "benchmarks"):
         shutil.copytree(ROOT / directory, suite / directory, ignore=ignore)
     for file in ("manage.py", "pyproject.toml"):
         shutil.copy2(ROOT / file, suite / file)

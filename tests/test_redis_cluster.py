@@ -38,9 +38,9 @@ from tests.test_cache_store import (
     test_a_completed_record_keeps_the_snapshot_for_the_retention,
     test_a_key_past_its_retention_is_new,
     test_a_key_reused_for_a_different_body_is_422,
-    test_a_record_gone_from_redis_is_claimed_anew,
     test_a_lease_longer_than_the_retention_keeps_the_claim_alive,
     test_a_new_key_runs_once_and_its_response_is_replayed,
+    test_a_record_gone_from_redis_is_claimed_anew,
     test_keys_of_different_scopes_do_not_meet,
 )
 from tests.test_lease import (
@@ -67,9 +67,9 @@ __all__ = [
     "test_a_completed_record_keeps_the_snapshot_for_the_retention",
     "test_a_key_past_its_retention_is_new",
     "test_a_key_reused_for_a_different_body_is_422",
-    "test_a_record_gone_from_redis_is_claimed_anew",
     "test_a_lease_longer_than_the_retention_keeps_the_claim_alive",
     "test_a_new_key_runs_once_and_its_response_is_replayed",
+    "test_a_record_gone_from_redis_is_claimed_anew",
     "test_a_waiting_duplicate_polls_then_replays",
     "test_an_expired_lease_is_taken_over_counted_logged_and_signalled",
     "test_an_unheld_burst_of_duplicates_executes_once",

@@ -25,9 +25,12 @@ pytestmark = pytest.mark.skipif(
 
 #: Modules that need an extra: DRF, drf-spectacular, django-redis.
 NEEDS_AN_EXTRA = {
+    "django_idempotency.celery",
     "django_idempotency.drf",
     "django_idempotency.openapi",
+    "django_idempotency.otel",
     "django_idempotency.stores.cache",
+    "django_idempotency.stores.redis_cluster",
 }
 
 
