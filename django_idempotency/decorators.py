@@ -10,12 +10,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from functools import partial, wraps
+from functools import lru_cache, partial, wraps
 from typing import Any, TypeVar, overload
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest
+from django.http.request import HttpHeaders
 from django.http.response import HttpResponseBase
 
 from django_idempotency import engine, redaction
@@ -67,7 +68,7 @@ class Options(ProtocolOptions):
 
     def call(self, request: HttpRequest) -> Call | None:
         """The engine's call for ``request``; ``None`` for an optional key left out."""
-        header = request.headers.get(str(app_settings.HEADER))
+        header = request.META.get(_meta_name(str(app_settings.HEADER)))
         if header is None:
             required = app_settings.REQUIRED if self.required is None else self.required
             if required:
@@ -83,6 +84,14 @@ class Options(ProtocolOptions):
             method=request.method or "",
             path=request.get_full_path(),
         )
+
+
+@lru_cache(maxsize=8)
+def _meta_name(header: str) -> str:
+    """Where ``request.META`` holds ``header``: read there, not through
+    ``request.headers``, which parses every header of the request on first use."""
+    name = header.upper().replace("-", "_")
+    return name if name in HttpHeaders.UNPREFIXED_HEADERS else f"HTTP_{name}"
 
 
 def protect(
