@@ -7,8 +7,9 @@ The database named in the URL is created for the run and dropped at its end
 with a fresh key (so each is a first execution, never a replay), in ``lease``
 and in ``atomic`` mode: the variants are paired in time, and the figures are
 the medians over the rounds. Every variant writes one ``Order`` row; a step
-wraps that write, a message is enqueued beside it. Printed as Markdown;
-docs/benchmarks.md explains it.
+wraps that write, a message is enqueued beside it. Round trips are counted
+once per variant, on the wire (``benchmarks/wire.py``), after the timed
+rounds. Printed as Markdown; docs/benchmarks.md explains it.
 """
 
 from __future__ import annotations
@@ -70,14 +71,41 @@ def statements(mode: str, body: Callable[[], object]) -> list[str]:
 
     with CaptureQueriesContext(connection) as captured:
         execute(mode, body)
-    return [query["sql"].split(" ", 1)[0].upper() for query in captured.captured_queries]
+    # Statements bound on the server are logged as "QUERY = '...' - PARAMS = ...".
+    texts = [str(query["sql"]).removeprefix("QUERY = '") for query in captured.captured_queries]
+    return [text.split(" ", 1)[0].upper() for text in texts]
+
+
+#: Transaction control, as Django logs it (PostgreSQL's may go in one flush with a statement).
+CONTROL = {"BEGIN", "COMMIT"}
+
+
+def data(kinds: list[str]) -> int:
+    return sum(kind not in CONTROL for kind in kinds)
+
+
+def trips(mode: str, body: Callable[[], object]) -> int | None:
+    """Round trips to the server, counted on the wire (``None`` on SQLite: in the process)."""
+    from django.db import connection
+
+    from benchmarks.wire import round_trips
+
+    with round_trips(connection) as counter:
+        if counter is None:
+            return None
+        connection.ensure_connection()
+        execute(mode, body)  # prepared statements and caches of the new connection
+        counter.reset()
+        execute(mode, body)
+        return counter.reset()
 
 
 def measure(rounds: int) -> str:
     bodies = variants()
     lines = [
-        "| mode | variant | statements | median ms | added statements | added ms |",
-        "|---|---|---|---|---|---|",
+        "| mode | variant | statements | round trips | median ms "
+        "| added statements (BEGIN, COMMIT aside) | added round trips | added ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode in ("lease", "atomic"):
         for body in bodies.values():  # warm up: connection, statement caches
@@ -89,14 +117,22 @@ def measure(rounds: int) -> str:
                 started = time.perf_counter()
                 execute(mode, body)
                 timings[name].append((time.perf_counter() - started) * 1000)
-        base_count = len(statements(mode, bodies["no step"]))
+        base_count = data(statements(mode, bodies["no step"]))
+        base_trips = trips(mode, bodies["no step"])
         base_ms = statistics.median(timings["no step"])
         for name, body in bodies.items():
             kinds = statements(mode, body)
+            counted = trips(mode, body)
             median = statistics.median(timings[name])
+            if counted is None or base_trips is None:
+                trip_columns = "n/a | n/a"
+            else:
+                trip_columns = f"{counted} | {counted - base_trips:+d}"
+            total, added = trip_columns.split(" | ")
             lines.append(
-                f"| {mode} | {name} | {len(kinds)} ({', '.join(kinds)}) | {median:.2f} "
-                f"| {len(kinds) - base_count:+d} | {median - base_ms:+.2f} |"
+                f"| {mode} | {name} | {len(kinds)} ({', '.join(kinds)}) | {total} "
+                f"| {median:.2f} | {data(kinds) - base_count:+d} | {added} "
+                f"| {median - base_ms:+.2f} |"
             )
     return "\n".join(lines)
 

@@ -12,13 +12,16 @@ that deduplicates on one (Stripe's ``Idempotency-Key``, for example).
 Steps need the database store. In ``lease`` mode each step is a transaction
 of its own, fenced by the claim's token: a worker that lost its lease to a
 takeover cannot record a step (:class:`LeaseLost`), and its step's writes roll
-back. In ``atomic`` mode a step is part of the request's transaction: its
+back. On PostgreSQL with psycopg 3 that transaction costs no round trip of
+its own: BEGIN goes with the work's first statement, COMMIT with the record
+(see ``stores/postgresql.py``). In ``atomic`` mode a step is part of the request's transaction: its
 record lives and dies with that transaction, like every other write, and a
 step that raises dooms the transaction as any failure of the view does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -37,7 +40,8 @@ from django_idempotency.engine import Execution, current_execution
 from django_idempotency.exceptions import FingerprintMismatch
 from django_idempotency.models import IdempotencyKey, IdempotencyStep
 from django_idempotency.protocol import ATOMIC
-from django_idempotency.stores.database import DatabaseStore
+from django_idempotency.stores import postgresql
+from django_idempotency.stores.database import DatabaseStore, reachable
 
 logger = logging.getLogger("django_idempotency")
 
@@ -98,14 +102,16 @@ def step(name: str, fn: Callable[[], T]) -> T:
     own_transaction = execution.policy.mode != ATOMIC
     if own_transaction:
         _require_durable(store_db, name)
-    with transaction.atomic(using=store_db, savepoint=own_transaction):
+    connection = transaction.get_connection(store_db)
+    block = transaction.atomic(using=store_db, savepoint=own_transaction)
+    with block, _beginning(connection, own_transaction):
         progress.running = name
         try:
             result = fn()
         finally:
             progress.running = None
         body = _serialised(name, result)
-        _record(store_db, execution, name, body)
+        _record(connection, execution, name, body, block if own_transaction else None)
     progress.names.add(name)
     signals.step_completed.send(sender=IdempotencyStep, call=execution.call, name=name)
     decoded: T = json.loads(body)
@@ -150,6 +156,15 @@ def _progress_of(execution: Execution) -> _Progress:
     if not isinstance(progress, _Progress):
         progress = execution.notes[_NOTE] = _Progress()
     return progress
+
+
+def _beginning(
+    connection: BaseDatabaseWrapper, own_transaction: bool
+) -> contextlib.AbstractContextManager[None]:
+    """The step's own transaction begins with its first statement, in one round trip."""
+    if not own_transaction:
+        return contextlib.nullcontext()
+    return postgresql.begin_with_next_statement(connection)
 
 
 def _require_durable(database: str, name: str) -> None:
@@ -217,10 +232,21 @@ def _recorded(database: str, execution: Execution) -> dict[str, Any]:
     return recorded
 
 
-def _record(database: str, execution: Execution, name: str, body: str) -> None:
-    """Record the step, if the claim still owns the key (one statement)."""
+def _record(
+    connection: BaseDatabaseWrapper,
+    execution: Execution,
+    name: str,
+    body: str,
+    block: transaction.Atomic | None,
+) -> None:
+    """Record the step, if the claim still owns the key (one statement).
+
+    ``block`` is the step's own transaction, if it has one: where the
+    database pipelines, the record and COMMIT go in one flush (with BEGIN,
+    if the step's work sent no statement). A claim that lost the key makes
+    the statement fail (its token is NULL then), so COMMIT never follows it.
+    """
     call, claim = execution.call, execution.claim
-    connection = transaction.get_connection(database)
     now = timezone.now()
     adapt = connection.ops.adapt_datetimefield_value
     expires = now + timedelta(seconds=execution.policy.retention)
@@ -229,26 +255,42 @@ def _record(database: str, execution: Execution, name: str, body: str) -> None:
         call.key,
         name,
         call.fingerprint,
-        claim.token,
-        body,
-        adapt(now),
-        adapt(expires),
         call.scope,
         call.key,
         claim.token,
         IdempotencyKey.State.IN_PROGRESS.value,
+        body,
+        adapt(now),
+        adapt(expires),
     ]
+    statement = _statements(connection).record
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(_statements(connection).record, params)
-            recorded = cursor.rowcount == 1
-    except IntegrityError:
-        recorded = False  # recorded meanwhile by an owner that lost its lease late
-    if not recorded:
+        with reachable(connection), connection.cursor() as cursor:
+            if block is not None and _ends_its_transaction(connection, block):
+                begin = postgresql.begins_transaction(connection)
+                with connection.wrap_database_errors:
+                    postgresql.complete_and_commit(
+                        connection, cursor, statement, params, begin=begin
+                    )
+            else:
+                cursor.execute(statement, params)
+    except IntegrityError as exc:
+        # Not the owner any more (the token is NULL), or recorded meanwhile by
+        # an owner that lost its lease late (the step's unique constraint).
         raise LeaseLost(
             f"Step {name!r} of {call} was not recorded: the key was taken over while it "
             "ran, or another execution of the key recorded it first."
-        )
+        ) from exc
+
+
+def _ends_its_transaction(connection: BaseDatabaseWrapper, block: transaction.Atomic) -> bool:
+    """Whether the step may commit with its record: its own block is the transaction, intact."""
+    return (
+        connection.atomic_blocks == [block]
+        and connection.commit_on_exit
+        and not connection.needs_rollback
+        and postgresql.pipelines(connection)
+    )
 
 
 def _serialised(name: str, result: Any) -> str:
@@ -294,14 +336,6 @@ def _build(connection: BaseDatabaseWrapper) -> _Statements:
 
     names = ("scope", "key", "name", "fingerprint", "token", "result", "created", "expires")
     columns = ", ".join(column(IdempotencyStep, name) for name in names)
-    if connection.vendor == "postgresql":
-        # In INSERT ... SELECT the parameters carry no type of their own.
-        values = ", ".join(
-            f"CAST(%s AS {IdempotencyStep._meta.get_field(name).db_type(connection)})"
-            for name in names
-        )
-    else:
-        values = ", ".join(["%s"] * len(names))
     selected = ", ".join(
         column(IdempotencyStep, name) for name in ("name", "fingerprint", "result", "expires")
     )
@@ -309,10 +343,13 @@ def _build(connection: BaseDatabaseWrapper) -> _Statements:
         f"SELECT {selected} FROM {steps} WHERE "
         f"{column(IdempotencyStep, 'scope')} = %s AND {column(IdempotencyStep, 'key')} = %s"
     )
-    # Fenced: the row is written only while the claim's token still owns the key.
-    record = (
-        f"INSERT INTO {steps} ({columns}) SELECT {values} FROM {keys} WHERE "
+    # Fenced: the token is the claim's only while the claim still owns the
+    # key, NULL otherwise, which the column refuses: a step whose claim was
+    # taken over fails, and its transaction cannot commit.
+    owner = (
+        f"(SELECT {column(IdempotencyKey, 'token')} FROM {keys} WHERE "
         f"{column(IdempotencyKey, 'scope')} = %s AND {column(IdempotencyKey, 'key')} = %s "
-        f"AND {column(IdempotencyKey, 'token')} = %s AND {column(IdempotencyKey, 'state')} = %s"
+        f"AND {column(IdempotencyKey, 'token')} = %s AND {column(IdempotencyKey, 'state')} = %s)"
     )
+    record = f"INSERT INTO {steps} ({columns}) VALUES (%s, %s, %s, %s, {owner}, %s, %s, %s)"
     return _Statements(select=select, record=record)

@@ -2,7 +2,8 @@
 
 The example payment endpoint (steps "payment", "charge", "capture"; a derived
 key for the provider; the "payment.captured" message through the outbox) is
-killed at every step boundary, and the outbox relay is killed in the middle
+killed at every step boundary and inside its steps (their work done, their
+record and COMMIT not yet sent), and the outbox relay is killed in the middle
 of a batch; afterwards every effect is counted in the database.
 """
 
@@ -41,11 +42,18 @@ shop = test_multiprocess.shop
 TARGET = Target(PAYMENTS, "lease-short")
 #: Where a worker is killed, and whether the provider is asked again by the retry.
 BOUNDARIES = {
+    # Inside step "payment": the payment row sent, not committed (rolled back).
+    "record:payment": 1,
     "step:payment": 1,  # the payment row committed; the charge not yet made
     "provider": 2,  # charged, the charge step not recorded: the retry asks again
+    # Inside step "charge": charged, its record and COMMIT about to be sent.
+    "record:charge": 2,
     "step:charge": 1,  # the charge recorded
     "step:capture": 1,  # the reference recorded and the message enqueued
 }
+
+#: Held inside a step: the payment rows and provider charges visible meanwhile.
+HELD_INSIDE = {"record:payment": (0, 0), "record:charge": (1, 1)}
 
 
 def send_payment(shop: Shop, key: str, number: int, headers: dict[str, str] | None = None) -> Reply:
@@ -134,6 +142,9 @@ def test_a_worker_killed_at_a_step_boundary_pays_exactly_once(shop: Shop, bounda
     headers = {**gate.headers, "X-Hold-At": boundary}
     request = InFlight.start(lambda: send_payment(shop, key, number, headers))
     inside = gate.wait_inside(request)
+    if boundary in HELD_INSIDE:  # the step's work done, nothing of it committed
+        payments, charged = HELD_INSIDE[boundary]
+        assert (len(payment_rows(shop, number)), len(charges(shop, number))) == (payments, charged)
     os.kill(inside["pid"], signal.SIGKILL)
     assert_dropped(request)
 
@@ -142,6 +153,11 @@ def test_a_worker_killed_at_a_step_boundary_pays_exactly_once(shop: Shop, bounda
     )
     reply = retries.last
     assert set(reply.json()) == set(clean.json())
+    # As a crash-free run answers: the same status, the same headers, the
+    # payment's own Location.
+    assert reply.status == clean.status
+    assert set(reply.headers) - {"date"} == set(clean.headers) - {"date"}
+    assert reply.headers["location"].endswith(f"/{reply.json()['id']}/")
     assert_paid_once(shop, user, key, number, reply, BOUNDARIES[boundary])
     shop.server.wait_for_workers()
 

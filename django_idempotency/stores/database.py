@@ -87,12 +87,12 @@ class DatabaseStore(Store):
         except BaseException as exc:
             # Ending the block talks to the server; if the connection died,
             # MySQLdb raises even while Django drops it: report that as such.
-            with _reachable(connection):
+            with reachable(connection):
                 block.__exit__(type(exc), exc, exc.__traceback__)
             raise
         finally:
             self._blocks.current = outer
-        with _reachable(connection):
+        with reachable(connection):
             block.__exit__(None, None, None)
 
     def rollback_pending(self) -> bool:
@@ -104,7 +104,7 @@ class DatabaseStore(Store):
     def claim(self, call: Call, policy: Policy) -> Claim:
         connection = transaction.get_connection(self.db)
         try:
-            with _reachable(connection), _claiming(connection, call, policy):
+            with reachable(connection), _claiming(connection, call, policy):
                 return self._claim(connection, call, policy)
         except OperationalError as exc:
             # Waited as long as allowed for the transaction that holds the key.
@@ -127,7 +127,7 @@ class DatabaseStore(Store):
             token=claim.token,
         )
         prepare = self.prepares_statements
-        with _reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
+        with reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
             if self._ends_its_transaction(connection):
                 # The last statement of the store's own transaction: COMMIT
                 # goes with it, one round trip (Django's commit then finds the
@@ -155,7 +155,7 @@ class DatabaseStore(Store):
         connection = transaction.get_connection(self.db)
         params = [claim.call.scope, claim.call.key, claim.token]
         prepare = self.prepares_statements
-        with _reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
+        with reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
             cursor.execute(sql.statements(connection).release, params)
 
     def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
@@ -329,7 +329,7 @@ class DatabaseStore(Store):
 
 
 @contextlib.contextmanager
-def _reachable(connection: BaseDatabaseWrapper) -> Iterator[None]:
+def reachable(connection: BaseDatabaseWrapper) -> Iterator[None]:
     """Report a lost or refused connection as the store being unavailable.
 
     Lock contention stays an ``OperationalError``: the claim answers it

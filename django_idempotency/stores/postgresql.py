@@ -16,8 +16,10 @@ the row it inserts is committed when the statement ends.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 from django.db import transaction
@@ -56,7 +58,7 @@ def insert(
         params += [call.scope, call.key]
     with sql.cursor(connection, prepare=prepare) as cursor:
         claim = _claim_sql(connection, with_row=with_row)
-        if _begins_transaction(connection):
+        if begins_transaction(connection):
             begin_and_execute(connection, cursor, claim, params)
         else:
             cursor.execute(claim, params)
@@ -75,7 +77,7 @@ def pipelines(connection: BaseDatabaseWrapper) -> bool:
     return sql.is_psycopg3(connection)
 
 
-def _begins_transaction(connection: BaseDatabaseWrapper) -> bool:
+def begins_transaction(connection: BaseDatabaseWrapper) -> bool:
     """Whether psycopg is about to send BEGIN on its own before the next statement.
 
     It does so in a round trip of its own (and waits for it, pipeline or
@@ -89,27 +91,73 @@ def _begins_transaction(connection: BaseDatabaseWrapper) -> bool:
     return not raw.autocommit and raw.pgconn.transaction_status == _idle()
 
 
-def begin_and_execute(
-    connection: BaseDatabaseWrapper, cursor: CursorWrapper, statement: str, params: list[Any]
-) -> None:
-    """BEGIN and ``statement`` in one flush; read the results after it."""
+@contextlib.contextmanager
+def beginning(connection: BaseDatabaseWrapper, cursor: CursorWrapper) -> Iterator[None]:
+    """BEGIN, in one flush with what the block executes; its results are read after it.
+
+    Only where :func:`begins_transaction` says so.
+    """
     raw: Any = connection.connection
     raw.autocommit = True  # idle, so nothing is sent: BEGIN is ours to send now
     with raw.pipeline():
         # On the same psycopg cursor (a new one costs its own adapters); the
         # statement after it leaves its results there.
         cursor.cursor.execute("BEGIN", prepare=False)
+        yield
+
+
+def begin_and_execute(
+    connection: BaseDatabaseWrapper, cursor: CursorWrapper, statement: str, params: list[Any]
+) -> None:
+    """BEGIN and ``statement`` in one flush; read the results after it."""
+    with beginning(connection, cursor):
         cursor.execute(statement, params)
 
 
 def complete_and_commit(
-    connection: BaseDatabaseWrapper, cursor: CursorWrapper, statement: str, params: list[Any]
+    connection: BaseDatabaseWrapper,
+    cursor: CursorWrapper,
+    statement: str,
+    params: list[Any],
+    *,
+    begin: bool = False,
 ) -> None:
-    """``statement`` and COMMIT in one flush; the transaction is over after it."""
+    """``statement`` and COMMIT in one flush; the transaction is over after it.
+
+    With ``begin`` (where :func:`begins_transaction` says so) BEGIN goes in
+    the same flush: a transaction of one statement, one round trip. If the
+    statement fails, COMMIT is not run (the server skips the rest of a
+    failed pipeline) and the transaction is left to roll back.
+    """
     raw: Any = connection.connection
-    with raw.pipeline():
+    with beginning(connection, cursor) if begin else raw.pipeline():
         cursor.execute(statement, params)
         raw.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def begin_with_next_statement(connection: BaseDatabaseWrapper) -> Iterator[None]:
+    """In the block, send BEGIN in one flush with the first statement, not alone.
+
+    For an atomic block opened from autocommit around code that runs its own
+    statements through Django (a step's work): its first statement carries
+    BEGIN, where psycopg would wait for BEGIN on its own first. Errors of
+    that flush are raised as Django's, as the statement's own would be.
+    """
+
+    def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        cursor = context["cursor"]
+        # Server-side cursors (QuerySet.iterator()) do not run in a pipeline.
+        if not begins_transaction(connection) or getattr(cursor.cursor, "name", None):
+            return execute(sql, params, many, context)
+        with connection.wrap_database_errors, beginning(connection, cursor):
+            return execute(sql, params, many, context)
+
+    if not pipelines(connection):
+        yield
+        return
+    with connection.execute_wrapper(wrapper):
+        yield
 
 
 @functools.cache

@@ -37,7 +37,7 @@ from rest_framework.serializers import BaseSerializer
 
 from django_idempotency import signals
 from django_idempotency.decorators import idempotent
-from django_idempotency.models import OutboxMessage
+from django_idempotency.models import IdempotencyStep, OutboxMessage
 from example_project.shop import provider
 from example_project.shop import views as shop
 from example_project.shop.models import Order
@@ -172,7 +172,9 @@ def plain_order_view(options: dict[str, Any]) -> Callable[..., HttpResponseBase]
 #
 # ``X-Hold-At: step:<name>`` holds the request at gate ``X-Hold`` once step
 # <name> is recorded; ``X-Hold-At: provider`` once the fake provider charged
-# (inside the charge step, before its record). Read from the request by the
+# (inside the charge step, before its record); ``X-Hold-At: record:<name>``
+# inside step <name>, its work done and its writes sent but not committed,
+# just before its record and COMMIT are sent. Read from the request by the
 # middleware, since signal receivers get no request.
 
 _hold_at: ContextVar[tuple[str, str] | None] = ContextVar("mp_hold_at", default=None)
@@ -183,6 +185,9 @@ def remember_hold_point(get_response: Callable[[HttpRequest], Any]) -> Callable[
         point, gate = request.headers.get("X-Hold-At"), request.headers.get("X-Hold")
         token = _hold_at.set((point, gate) if point and gate else None)
         try:
+            if point and gate and point.startswith("record:"):
+                with connection.execute_wrapper(_hold_before_record):
+                    return get_response(request)
             return get_response(request)
         finally:
             _hold_at.reset(token)
@@ -194,6 +199,16 @@ def _hold_at_point(point: str) -> None:
     wanted = _hold_at.get()
     if wanted is not None and wanted[0] == point:
         hold(wanted[1])
+
+
+_STEPS_TABLE = IdempotencyStep._meta.db_table
+
+
+def _hold_before_record(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+    """Hold before the statement that records a step (its name is its third parameter)."""
+    if sql.startswith("INSERT") and _STEPS_TABLE in sql:
+        _hold_at_point(f"record:{params[2]}")
+    return execute(sql, params, many, context)
 
 
 def _after_step(name: str, **kwargs: Any) -> None:
