@@ -28,6 +28,7 @@ from django_idempotency.conf import app_settings
 from django_idempotency.exceptions import (
     FingerprintMismatch,
     IdempotencyError,
+    LeaseLost,
     RequestInProgress,
     SnapshotUnreadable,
     StoreUnavailable,
@@ -499,6 +500,8 @@ def _settled(guard: Guard) -> str:
 
 def _failure(error: BaseException) -> str:
     """The outcome of a call that ended with ``error``."""
+    if isinstance(error, LeaseLost):
+        return LEASE_LOST
     if isinstance(error, RequestInProgress):
         return CONFLICT
     if isinstance(error, FingerprintMismatch):

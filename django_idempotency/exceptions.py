@@ -88,3 +88,16 @@ class SnapshotUnreadable(IdempotencyError):
     status = 503
     slug = "snapshot-unreadable"
     title = "Stored idempotent response unreadable"
+
+
+class LeaseLost(RequestInProgress, RuntimeError):
+    """The claim was taken over while a step ran: the step's result was not recorded.
+
+    Raised by :func:`django_idempotency.workflow.step` (and importable from
+    there). Another worker owns the key now; the step's own writes were rolled back.
+    A view answers ``409`` (problem type ``lease-lost``, with ``Retry-After``):
+    the client's retry gets the new owner's outcome. Functions raise it as is.
+    """
+
+    slug = "lease-lost"
+    title = "The idempotency key was taken over while this request ran"

@@ -37,7 +37,7 @@ from django.utils.crypto import salted_hmac
 
 from django_idempotency import signals
 from django_idempotency.engine import Execution, current_execution
-from django_idempotency.exceptions import FingerprintMismatch
+from django_idempotency.exceptions import FingerprintMismatch, LeaseLost
 from django_idempotency.models import IdempotencyKey, IdempotencyStep
 from django_idempotency.protocol import ATOMIC
 from django_idempotency.stores import postgresql
@@ -54,13 +54,6 @@ _DERIVED_KEY_SALT = "django_idempotency.workflow.derived_key"
 
 class StepError(RuntimeError):
     """A step used wrongly: outside protected code, twice in one execution, badly named."""
-
-
-class LeaseLost(RuntimeError):
-    """The claim was taken over while this step ran: its result was not recorded.
-
-    Another worker owns the key now; the step's own writes were rolled back.
-    """
 
 
 @dataclass

@@ -8,17 +8,21 @@ MariaDB); the concurrent ones use real threads with their own connections.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import time_machine
+from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
+from django.http import HttpRequest, HttpResponse
+from django.test import RequestFactory
 from django.utils import timezone
 
-from django_idempotency.decorators import idempotent_block, idempotent_function
+from django_idempotency.decorators import idempotent, idempotent_block, idempotent_function
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress
 from django_idempotency.models import IdempotencyKey, IdempotencyStep
 from django_idempotency.workflow import (
@@ -194,6 +198,46 @@ def test_a_late_owner_cannot_record_over_a_takeover() -> None:
     assert isinstance(late.error, LeaseLost), late.error
     assert items() == ["new"]  # the late step's write rolled back with it
     assert steps_of("k6") == {"charge": str(block.result)}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_view_whose_step_lost_its_lease_answers_409_not_500() -> None:
+    """The late worker's client is told to retry; its retry gets the new owner's outcome."""
+    inside, release = threading.Event(), threading.Event()
+
+    @idempotent(mode="lease", lease=1)
+    def charge(request: HttpRequest) -> HttpResponse:
+        def slow() -> int:
+            if threading.current_thread().name == "late":  # the first worker, held
+                inside.set()
+                assert release.wait(PATIENCE)
+                return order("late")
+            return order("new")
+
+        return HttpResponse(str(step("charge", slow)), status=201)
+
+    def post() -> HttpResponse:
+        request = RequestFactory().post("/charge/", headers={"Idempotency-Key": "k-view"})
+        request.user = AnonymousUser()
+        return charge(request)
+
+    late = Worker(post, "late")
+    with time_machine.travel(timezone.now(), tick=False) as traveller:
+        late.start()
+        assert inside.wait(PATIENCE)
+        traveller.shift(timedelta(seconds=5))  # the lease has ended
+        taken_over = post()  # the new owner: runs the step, records it
+        release.set()
+        late.join(PATIENCE)
+    assert late.error is None, late.error
+    response = late.result
+    assert response.status_code == 409
+    assert response["Content-Type"] == "application/problem+json"
+    assert json.loads(response.content)["type"] == "urn:django-idempotency:problem:lease-lost"
+    assert response["Retry-After"]
+    assert taken_over.status_code == 201
+    assert items() == ["new"]  # the late step's write rolled back with it
+    assert post().content == taken_over.content  # the retry replays the new owner's outcome
 
 
 @pytest.mark.django_db(transaction=True)
