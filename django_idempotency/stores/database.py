@@ -545,7 +545,8 @@ def _look_at_key(connection: BaseDatabaseWrapper, call: Call) -> tuple[bool, sql
     """Whether another transaction holds ``call``'s key, and its committed row if there is one.
 
     A locking read of the key that does not wait: under READ COMMITTED (Django's
-    default on MariaDB/MySQL) it locks the key's record only, never a gap.
+    default on MariaDB/MySQL) it locks the key's record only, never a gap
+    (under REPEATABLE READ, a key without a record locks its gap).
     """
     statements = sql.statements(connection)
     share = "LOCK IN SHARE MODE" if connection.mysql_is_mariadb else "FOR SHARE"  # type: ignore[attr-defined]
