@@ -111,3 +111,28 @@ def test_a_replay_takes_its_round_trips(trips: RoundTrips, mode: str) -> None:
     assert response["Idempotent-Replayed"] == "true"
     assert replay == REPLAY[connection.vendor, mode]
     assert Order.objects.count() == 1
+
+
+@pytest.mark.skipif(connection.vendor != "mysql", reason="mysqlclient's several statements")
+@pytest.mark.parametrize("mode", ["atomic", "lease"])
+def test_without_several_statements_per_query_a_replay_reads_the_row_apart(
+    trips: RoundTrips, mode: str
+) -> None:
+    # OPTIONS["multi_statements"] = False (or PyMySQL): the claim, then the read.
+    settings = connection.settings_dict
+    saved = settings.get("OPTIONS")
+    settings["OPTIONS"] = {**(saved or {}), "multi_statements": False}
+    try:
+        connection.close()
+        connection.ensure_connection()
+        protected = idempotent(mode=mode)(create_order)
+        assert post(protected, "replayed").status_code == 201
+
+        replay, response = counted(trips, lambda: post(protected, "replayed"))
+    finally:
+        settings["OPTIONS"] = saved
+        connection.close()
+
+    assert response["Idempotent-Replayed"] == "true"
+    assert replay == REPLAY[connection.vendor, mode] + 1
+    assert Order.objects.count() == 1
