@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -16,8 +17,20 @@ TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
 SESSION_SETTINGS = ("SET", "PRAGMA")
 
 
+# MariaDB's claim bounds its own lock wait: SET STATEMENT ... FOR INSERT ...
+_SET_STATEMENT = re.compile(r"^\s*SET\s+STATEMENT\s.*?\sFOR\s", re.IGNORECASE | re.DOTALL)
+# mysqlclient sends several statements in one query ("INSERT ...; SELECT ...").
+_NEXT_STATEMENT = re.compile(r";\s+(?=(?:SELECT|INSERT|UPDATE|DELETE)\s)", re.IGNORECASE)
+
+
+def split(query: str) -> list[str]:
+    """The statements of one query as logged: one, or several sent at once."""
+    return _NEXT_STATEMENT.split(query)
+
+
 def kind(sql: str) -> str:
     """``transaction``, ``setting`` (lock timeouts) or ``data``."""
+    sql = _SET_STATEMENT.sub("", sql)
     verb = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
     if verb in TRANSACTION_CONTROL:
         return "transaction"
@@ -55,8 +68,8 @@ def capture(connection: BaseDatabaseWrapper) -> Iterator[list[Statements]]:
     with CaptureQueriesContext(connection) as context:
         yield result
     # Django logs server-side bound statements as "QUERY = '...' - PARAMS = ...".
-    sql = (query["sql"].removeprefix("QUERY = '") for query in context.captured_queries)
-    result.append(Statements(tuple(sql)))
+    queries = (query["sql"].removeprefix("QUERY = '") for query in context.captured_queries)
+    result.append(Statements(tuple(sql for query in queries for sql in split(query))))
 
 
 def _shorten(sql: str, width: int) -> str:

@@ -37,20 +37,23 @@ ADDED_TO_A_FIRST_EXECUTION = {
     ("postgresql", "atomic"): 2,
     # The claim and the completion, each in autocommit.
     ("postgresql", "lease"): 2,
-    # SET autocommit=0 and the lock-wait bound (SET), a savepoint around the
-    # claim (SAVEPOINT, INSERT, RELEASE), the completion, the lock-wait bound
-    # restored, COMMIT and SET autocommit=1: MySQLdb sends one statement per
-    # round trip.
-    ("mysql", "atomic"): 9,
-    ("mysql", "lease"): 9,
+    # MySQLdb has no pipeline: Django's transaction costs SET autocommit=0,
+    # COMMIT and SET autocommit=1, and the claim (which bounds its own lock
+    # wait on MariaDB, and needs no savepoint) and the completion one each.
+    ("mysql", "atomic"): 5,
+    # The claim and the completion, each in autocommit.
+    ("mysql", "lease"): 2,
 }
 #: Round trips of a replay, by database and mode. On PostgreSQL the claim
 #: returns the row it collided with (a prepared statement).
 REPLAY = {
     ("postgresql", "atomic"): 2,  # BEGIN with the claim, COMMIT
     ("postgresql", "lease"): 1,  # the claim
-    ("mysql", "atomic"): 10,
-    ("mysql", "lease"): 10,
+    # The claim and the read of the row it collided with are one query (two
+    # statements), inside Django's transaction (SET autocommit=0, COMMIT,
+    # SET autocommit=1) in atomic mode.
+    ("mysql", "atomic"): 4,
+    ("mysql", "lease"): 1,
 }
 
 
@@ -107,4 +110,29 @@ def test_a_replay_takes_its_round_trips(trips: RoundTrips, mode: str) -> None:
     assert response.status_code == 201
     assert response["Idempotent-Replayed"] == "true"
     assert replay == REPLAY[connection.vendor, mode]
+    assert Order.objects.count() == 1
+
+
+@pytest.mark.skipif(connection.vendor != "mysql", reason="mysqlclient's several statements")
+@pytest.mark.parametrize("mode", ["atomic", "lease"])
+def test_without_several_statements_per_query_a_replay_reads_the_row_apart(
+    trips: RoundTrips, mode: str
+) -> None:
+    # OPTIONS["multi_statements"] = False (or PyMySQL): the claim, then the read.
+    settings = connection.settings_dict
+    saved = settings.get("OPTIONS")
+    settings["OPTIONS"] = {**(saved or {}), "multi_statements": False}
+    try:
+        connection.close()
+        connection.ensure_connection()
+        protected = idempotent(mode=mode)(create_order)
+        assert post(protected, "replayed").status_code == 201
+
+        replay, response = counted(trips, lambda: post(protected, "replayed"))
+    finally:
+        settings["OPTIONS"] = saved
+        connection.close()
+
+    assert response["Idempotent-Replayed"] == "true"
+    assert replay == REPLAY[connection.vendor, mode] + 1
     assert Order.objects.count() == 1

@@ -13,11 +13,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import (
     DatabaseError,
-    IntegrityError,
     InterfaceError,
     OperationalError,
     router,
@@ -45,7 +44,10 @@ State = IdempotencyKey.State
 # wrong and the caller is told to retry.
 _CLAIM_ROUNDS = 3
 
+_MYSQL_LOCK_WAIT_TIMEOUT = 1205
 _MYSQL_DEADLOCK = 1213
+#: MySQL's refusal of a NOWAIT locking read (MariaDB answers 1205).
+_MYSQL_NOWAIT = 3572
 
 
 class DatabaseStore(Store):
@@ -230,11 +232,13 @@ class DatabaseStore(Store):
         """
         insert = _INSERTS[connection.vendor]
         deadline = time.monotonic() + policy.wait
+        alone = _claims_alone(connection, policy)
         for attempt in itertools.count(1):
             token = uuid.uuid4().hex
             now = timezone.now()
             values = _new_row(call, policy, token, now)
-            inserted, row = insert(connection, call, values, self.prepares_statements)
+            how = How(self.prepares_statements, max(0.0, deadline - time.monotonic()), alone)
+            inserted, row = insert(connection, call, values, how)
             if inserted is Inserted.CLAIMED:
                 return Execute(call, token)
             if inserted is Inserted.CONTENDED and not _is_final(row, now):
@@ -362,12 +366,14 @@ def _claiming(connection: BaseDatabaseWrapper, call: Call, policy: Policy) -> It
     deadline = time.monotonic() + policy.wait
     with contextlib.ExitStack() as stack:
         if connection.vendor == "mysql":
-            if policy.mode != ATOMIC:
-                # The insert's savepoint needs a transaction; in atomic mode
-                # the caller's (see Store.atomic) holds the claim.
-                stack.enter_context(transaction.atomic(using=connection.alias))
+            # No transaction of its own: the claim is one statement, which
+            # raises no error on a duplicate (INSERT IGNORE).
             if policy.wait > 0:
                 stack.enter_context(_one_waiter(connection, call, policy))
+            if connection.mysql_is_mariadb:  # type: ignore[attr-defined]
+                # The claim bounds its own lock wait (SET STATEMENT ... FOR).
+                yield
+                return
         # Contention shows as a lock wait on the unique index, bounded here.
         stack.enter_context(_lock_wait(connection, deadline - time.monotonic()))
         yield
@@ -409,17 +415,35 @@ def _lock_name(connection: BaseDatabaseWrapper, call: Call) -> str:
     return f"django_idempotency:{digest[:40]}"
 
 
+class How(NamedTuple):
+    """How one round of a claim inserts: what the vendor's insert needs besides the row."""
+
+    #: The store's ``PREPARE`` option (only PostgreSQL prepares).
+    prepare: bool
+    #: Seconds the insert may wait for another transaction claiming the key.
+    wait: float
+    #: Whether the claim's transaction holds nothing but the claim (autocommit,
+    #: or the store's own atomic block): the server may roll it back whole.
+    alone: bool
+
+
 # The vendor-specific insert: claim the key with a new row, or say who holds it.
 # Each returns what happened and, unless the row was inserted, the row that
-# holds the key as the insert saw it (None: none seen, or not looked at). The
-# last argument is the store's PREPARE option (only PostgreSQL prepares).
+# holds the key as the insert saw it (None: none seen, or not looked at).
 Insert = Callable[
-    [BaseDatabaseWrapper, Call, dict[str, Any], bool], tuple[Inserted, "sql.Row | None"]
+    [BaseDatabaseWrapper, Call, dict[str, Any], How], tuple[Inserted, "sql.Row | None"]
 ]
 
 
+def _insert_postgresql(
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], how: How
+) -> tuple[Inserted, sql.Row | None]:
+    # One statement that bounds its own wait (see stores/postgresql.py).
+    return postgresql.insert(connection, call, values, how.prepare)
+
+
 def _insert_sqlite(
-    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], prepare: bool
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], how: How
 ) -> tuple[Inserted, sql.Row | None]:
     # No row locks: the database lock serialises writers, so the insert either
     # claims the key or finds a committed row.
@@ -432,27 +456,113 @@ def _insert_sqlite(
 
 
 def _insert_mysql(
-    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], prepare: bool
+    connection: BaseDatabaseWrapper, call: Call, values: dict[str, Any], how: How
 ) -> tuple[Inserted, sql.Row | None]:
-    # Waits (bounded by _lock_wait) on another transaction's uncommitted row.
+    """Claim with ``INSERT IGNORE``, waiting at most ``how.wait`` on the key's holder.
+
+    A lock wait that times out is not always the key's: the insert also waits
+    for gap locks, which InnoDB takes (under READ COMMITTED too) on the index
+    records next to a key whose duplicate check found a row: a neighbour's
+    replay, take-over, or new claim over a deleted row not yet purged, held
+    until that transaction ends. So a timeout is followed by a look at the key
+    itself: held by another transaction, the key is in progress (the error is
+    raised, and the claim answers 409); otherwise the insert waited on
+    another key, and tries again waiting as long as any other statement of
+    the connection would (its own ``innodb_lock_wait_timeout``).
+    """
     params = sql.new_row_params(connection, values)
-    try:
-        # A savepoint, so that a collision leaves the transaction usable.
-        with transaction.atomic(using=connection.alias), sql.cursor(connection) as cursor:
-            cursor.execute(sql.statements(connection).insert, params)
-    except IntegrityError:
-        with sql.cursor(connection) as cursor:
-            return Inserted.TAKEN, sql.fetch_row(connection, cursor, call.scope, call.key)
-    except OperationalError as exc:
-        if not _restart_after_deadlock(connection, exc):
+    timeout: OperationalError | None = None
+    for bound in (how.wait, None):
+        try:
+            return _insert_ignore(connection, call, params, bound)
+        except OperationalError as exc:
+            if not _claim_goes_on(connection, exc, how):
+                raise
+            if exc.args[0] == _MYSQL_DEADLOCK:
+                # The holder rolled back: wait for whoever claims next.
+                return Inserted.CONTENDED, None
+            held, row = _look_at_key(connection, call)
+            if held:
+                raise
+            if row is not None:
+                # Committed since the insert began.
+                return Inserted.TAKEN, row
+            timeout = exc
+            if not connection.mysql_is_mariadb:  # type: ignore[attr-defined]
+                # The claim's bound is the session's (see _lock_wait): restore
+                # the connection's own for the next try.
+                _restore_lock_wait(connection)
+    # Waited on another key's lock as long as the connection's statements
+    # may: the database is too busy to answer about this key.
+    raise StoreUnavailable(
+        f"Database {connection.alias!r} did not grant a lock on the keys next to "
+        f"this one in time: {timeout}"
+    ) from timeout
+
+
+def _insert_ignore(
+    connection: BaseDatabaseWrapper, call: Call, params: list[Any], bound: float | None
+) -> tuple[Inserted, sql.Row | None]:
+    """One try of the MariaDB/MySQL claim: the insert, and the row when it inserted nothing.
+
+    ``bound``: seconds to wait for locks (MariaDB; on MySQL the session's
+    bound applies); ``None``, as long as the connection's own setting says.
+    """
+    statements = sql.statements(connection)
+    claim = statements.insert_ignore
+    if bound is not None and connection.mysql_is_mariadb:  # type: ignore[attr-defined]
+        seconds = _innodb_seconds(connection, bound)
+        claim = f"SET STATEMENT innodb_lock_wait_timeout = {seconds} FOR {claim}"
+    key = [call.scope, call.key]
+    with sql.cursor(connection) as cursor:
+        if not _runs_several_statements(connection):
+            cursor.execute(claim, params)
+            if cursor.rowcount == 1:
+                return Inserted.CLAIMED, None
+            return Inserted.TAKEN, sql.fetch_row(connection, cursor, *key)
+        # The claim and the read in one round trip: the read answers nothing
+        # when the insert inserted.
+        cursor.execute(f"{claim}; {statements.select_unless_inserted}", [*params, *key])
+        inserted = cursor.rowcount == 1
+        cursor.nextset()
+        values = cursor.fetchone()
+        while cursor.nextset():
+            pass
+    if inserted:
+        return Inserted.CLAIMED, None
+    return Inserted.TAKEN, None if values is None else sql.to_row(connection, values)
+
+
+def _runs_several_statements(connection: BaseDatabaseWrapper) -> bool:
+    """Whether the driver sends several statements in one query (mysqlclient's default)."""
+    database: Any = connection.Database  # type: ignore[attr-defined]
+    options = connection.settings_dict.get("OPTIONS", {})
+    # PyMySQL, installed as MySQLdb, does not (unless told by client_flag).
+    return database.__name__ == "MySQLdb" and options.get("multi_statements", True) is not False
+
+
+def _look_at_key(connection: BaseDatabaseWrapper, call: Call) -> tuple[bool, sql.Row | None]:
+    """Whether another transaction holds ``call``'s key, and its committed row if there is one.
+
+    A locking read of the key that does not wait: under READ COMMITTED (Django's
+    default on MariaDB/MySQL) it locks the key's record only, never a gap
+    (under REPEATABLE READ, a key without a record locks its gap).
+    """
+    statements = sql.statements(connection)
+    share = "LOCK IN SHARE MODE" if connection.mysql_is_mariadb else "FOR SHARE"  # type: ignore[attr-defined]
+    with sql.cursor(connection) as cursor:
+        try:
+            cursor.execute(f"{statements.select} {share} NOWAIT", [call.scope, call.key])
+        except OperationalError as exc:
+            if exc.args[:1] in {(_MYSQL_LOCK_WAIT_TIMEOUT,), (_MYSQL_NOWAIT,)}:
+                return True, None
             raise
-        # The holder rolled back: wait for whoever claims next.
-        return Inserted.CONTENDED, None
-    return Inserted.CLAIMED, None
+        values = cursor.fetchone()
+    return False, None if values is None else sql.to_row(connection, values)
 
 
 _INSERTS: dict[str, Insert] = {
-    "postgresql": postgresql.insert,
+    "postgresql": _insert_postgresql,
     "sqlite": _insert_sqlite,
     "mysql": _insert_mysql,
 }
@@ -464,29 +574,54 @@ def _wait_for_claimer(
     """Wait up to ``seconds`` for the transaction that is claiming ``call``'s key to end."""
     if connection.vendor == "postgresql":
         postgresql.wait_for(connection, call, seconds, policy.retry_after)
-    elif policy.wait > 0:
-        # MariaDB/MySQL: the next insert waits on the new claimer's row
-        # itself, for what is left of the wait.
+    elif policy.wait > 0 and not connection.mysql_is_mariadb:  # type: ignore[attr-defined]
+        # MySQL: the next insert waits on the new claimer's row itself, for
+        # what is left of the wait (on MariaDB, the insert bounds its own).
         _set_lock_wait(connection, seconds)
 
 
-def _restart_after_deadlock(connection: BaseDatabaseWrapper, exc: OperationalError) -> bool:
-    """Whether a deadlock undid nothing but this claim, which may then go on.
+def _claims_alone(connection: BaseDatabaseWrapper, policy: Policy) -> bool:
+    """Whether the claim's transaction holds nothing but the claim (see :class:`How`)."""
+    if not connection.in_atomic_block:
+        return True  # autocommit: the statement is the transaction
+    # Atomic mode: the store's own block (Store.atomic), begun by it.
+    return (
+        policy.mode == ATOMIC and len(connection.atomic_blocks) == 1 and connection.commit_on_exit
+    )
 
-    Claims waiting on one uncommitted key deadlock in InnoDB when its
-    holder rolls back, and InnoDB rolls each victim's whole transaction
-    back. If that was the claim's own transaction (the only atomic block,
-    and the one that began it), nothing else was lost: the claim continues
-    in the transaction the server begins with the next statement.
+
+def _claim_goes_on(connection: BaseDatabaseWrapper, exc: OperationalError, how: How) -> bool:
+    """Whether the claim may go on after ``exc``: a lock not granted that undid nothing else.
+
+    Claims waiting on one uncommitted key deadlock in InnoDB when its holder
+    rolls back, and InnoDB rolls each victim's whole transaction back, as it
+    does on a lock wait timeout with ``innodb_rollback_on_timeout``
+    (otherwise a timeout undoes the statement only). If the transaction held
+    nothing but the claim, nothing else was lost: the claim goes on in the
+    transaction the server begins with the next statement. If it was the
+    caller's, the caller's block is marked for rollback and the error raised.
     """
-    deadlock = exc.args[:1] == (_MYSQL_DEADLOCK,)
-    own_transaction = len(connection.atomic_blocks) == 1 and connection.commit_on_exit
-    if not (deadlock and own_transaction):
+    code = exc.args[0] if exc.args else None
+    if code not in {_MYSQL_DEADLOCK, _MYSQL_LOCK_WAIT_TIMEOUT}:
         return False
-    # Django could not roll back to the insert's savepoint (it went with
-    # the transaction) and so marked the block for rollback: undo that.
-    transaction.set_rollback(False, using=connection.alias)
+    whole = code == _MYSQL_DEADLOCK or _rolls_back_on_timeout(connection)
+    if whole and not how.alone:
+        transaction.set_rollback(True, using=connection.alias)
+        return False
     return True
+
+
+_rollback_on_timeout: dict[str, bool] = {}
+
+
+def _rolls_back_on_timeout(connection: BaseDatabaseWrapper) -> bool:
+    """The server's ``innodb_rollback_on_timeout`` (read-only while it runs), read once."""
+    alias = connection.alias
+    if alias not in _rollback_on_timeout:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT @@GLOBAL.innodb_rollback_on_timeout")
+            _rollback_on_timeout[alias] = bool(cursor.fetchone()[0])
+    return _rollback_on_timeout[alias]
 
 
 def _snapshot(row: sql.Row) -> Snapshot:
@@ -556,6 +691,12 @@ def _lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> Iterator[None
                 cursor.execute("SET @@SESSION.innodb_lock_wait_timeout = @idempotency_saved_wait")
             elif vendor == "sqlite":
                 cursor.execute(f"PRAGMA busy_timeout = {int(saved)}")
+
+
+def _restore_lock_wait(connection: BaseDatabaseWrapper) -> None:
+    """Put back the bound :func:`_lock_wait` saved (MySQL), before it ends."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET @@SESSION.innodb_lock_wait_timeout = @idempotency_saved_wait")
 
 
 def _set_lock_wait(connection: BaseDatabaseWrapper, seconds: float) -> None:

@@ -96,6 +96,17 @@ class Statements:
         self.insert = f"INSERT INTO {self.table} ({self.new_row_columns}) VALUES ({placeholders})"
         #: The insert that does nothing when the key is taken (SQLite, PostgreSQL).
         self.insert_unless_taken = f"{self.insert} ON CONFLICT ({self.unique_columns}) DO NOTHING"
+        #: MariaDB/MySQL: the insert that does nothing when the key is taken,
+        #: and the read of the row that took it (nothing when the insert was
+        #: the previous statement and inserted). A duplicate raises no error,
+        #: so the claim needs no savepoint to keep the transaction usable.
+        self.insert_ignore = (
+            f"INSERT IGNORE INTO {self.table} ({self.new_row_columns}) VALUES ({placeholders})"
+        )
+        self.select_unless_inserted = (
+            f"SELECT {self.row_columns} FROM {self.table}"
+            f" WHERE ROW_COUNT() = 0 AND {self.where_key}"
+        )
         self.complete = (
             f"UPDATE {self.table} SET {column['state']} = %s, {column['locked_until']} = NULL, "
             f"{column['response_status']} = %s, {column['response_headers']} = %s, "
