@@ -40,7 +40,7 @@ from django_idempotency import sealing
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
 from django_idempotency.protocol import Call, Claim, Execute, Policy, Replay, Snapshot
 from django_idempotency.sealing import Resealing
-from django_idempotency.stores.base import Store
+from django_idempotency.stores.base import Erasure, Store
 
 logger = logging.getLogger("django_idempotency")
 
@@ -200,7 +200,15 @@ class CacheStore(Store):
         digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
         return self._name(f"{_scope_digest(scope)}:{digest}")
 
-    def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
+    def erase(
+        self,
+        scope: str,
+        *,
+        dry_run: bool = False,
+        batch_size: int = 1000,
+        include_pending: bool = False,
+    ) -> Erasure:
+        # Only keys: steps and outbox messages need the database store.
         pattern = f"{_glob_escape(self._name(_scope_digest(scope)))}:*"
         erased = 0
         with self._reachable() as client:
@@ -211,7 +219,7 @@ class CacheStore(Store):
                     erased += raw is not None and _loads(raw).get("scope") == scope
                 else:
                     erased += int(erase(keys=[name], args=[scope], client=client))
-        return erased
+        return Erasure(keys=erased)
 
     def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:
         done = Resealing()
