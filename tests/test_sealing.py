@@ -715,3 +715,39 @@ def test_the_admin_shows_sealed_steps_and_payloads_only_with_the_permission(
     user = auth.get_user(staff_client)
     assert "Ann Example" in admin_detail(staff_client, "admin-steps")
     assert "ann@example.com" in staff_client.get(message_page).content.decode()
+
+
+# Check E042 beyond the responses table ------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_check_samples_a_redis_store(settings: Any, redis_records: None) -> None:
+    settings.IDEMPOTENCY_STORES = STORES
+    settings.IDEMPOTENCY_STORE = REDIS
+    settings.IDEMPOTENCY_MODE = "lease"
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = []
+    post("redis-clear")
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [OLD]
+    post("redis-sealed")
+    [warning] = check_stored_snapshots(databases=["default"])
+    assert warning.id == "django_idempotency.W011"
+    assert "1 of the 2 newest stored values sampled in Redis store 'redis'" in warning.msg
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [NEW]
+    [error] = check_stored_snapshots(databases=["default"])
+    assert error.id == "django_idempotency.E042"
+    assert "1 of the 2 newest stored values sampled in Redis store 'redis'" in error.msg
+    call_command("erase_idempotency_keys", "--scope", "anonymous", stdout=StringIO())
+    assert check_stored_snapshots(databases=["default"]) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_check_samples_step_results_and_outbox_payloads(encrypted: None, settings: Any) -> None:
+    with pytest.raises(RuntimeError):
+        pay("check-steps", fail_at="b")
+    with transaction.atomic():
+        enqueue("receipts", {"email": "ann@example.com"})
+    assert check_stored_snapshots(databases=["default"]) == []
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [NEW]
+    [error] = check_stored_snapshots(databases=["default"])
+    assert error.id == "django_idempotency.E042"
+    assert "2 of the 2 newest stored values sampled in database 'default'" in error.msg

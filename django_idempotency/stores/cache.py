@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -220,6 +221,25 @@ class CacheStore(Store):
                 else:
                     erased += int(erase(keys=[name], args=[scope], client=client))
         return Erasure(keys=erased)
+
+    def sample_outcomes(self, limit: int) -> list[tuple[str, str, bytes]]:
+        """Up to ``limit`` stored outcomes, as (scope, key, body): for check E042.
+
+        Whichever ``SCAN`` meets first (Redis keeps no order), looking at no
+        more than a hundred times ``limit`` records.
+        """
+        sample: list[tuple[str, str, bytes]] = []
+        with self._reachable() as client:
+            names = client.scan_iter(match=f"{_glob_escape(self._name(''))}*", count=limit * 5)
+            for name in itertools.islice(names, limit * 100):
+                raw = client.get(name)
+                record = None if raw is None else _loads(raw)
+                if record is not None and record.get("state") == COMPLETED:
+                    body = base64.b64decode(record.get("body", ""))
+                    sample.append((record["scope"], record["key"], body))
+                    if len(sample) >= limit:
+                        break
+        return sample
 
     def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:
         done = Resealing()
