@@ -5,10 +5,12 @@
 
 In one process and one database, the same protected view (a 1 KiB JSON
 body, nothing else) is called through Django's request handling with
-``IDEMPOTENCY_ENCRYPTION_KEYS`` off and on, in alternating rounds, so that
+``IDEMPOTENCY_ENCRYPTION_KEYS`` off and on, request by request, so that
 both see the same machine and the same table. Each request is timed on its
-own; the medians and their difference are printed as Markdown, with the
-cost of sealing and unsealing alone beside them. The database is created
+own, by the clock and by the CPU time of its thread (which other processes
+on a shared machine disturb less); the medians and the medians of the
+paired differences are printed as Markdown, with the cost of sealing and
+unsealing alone beside them. The database is created
 under the name given (which must contain "bench") and dropped at the end.
 """
 
