@@ -134,7 +134,9 @@ def unseal(snapshot: Snapshot, call: Call) -> Snapshot:
         return snapshot
     plaintext = _decrypt_or_refuse(keys, body, _response_data(call.scope, call.key), call)
     envelope, _, clear_body = plaintext.partition(b"\n")
-    headers = tuple((str(name), str(value)) for name, value in json.loads(envelope))
+    # Authenticated, so written by seal(): pairs of strings. (A str parses
+    # faster than bytes, whose encoding json would detect first.)
+    headers = tuple((name, value) for name, value in json.loads(envelope.decode()))
     return Snapshot(status=snapshot.status, headers=headers, body=clear_body)
 
 
@@ -153,12 +155,13 @@ def reseal(body: bytes, scope: str, key: str, headers: Iterable[Any] = ()) -> by
             status=0, headers=tuple((str(n), str(v)) for n, v in headers), body=bytes(body)
         )
         return seal(plain, call).body
-    if _is_current(keys, body):
-        return None
     try:
+        # Opened even under the newest key: an altered row is reported, not skipped.
         opened = unseal(Snapshot(status=0, headers=(), body=bytes(body)), call)
     except SnapshotUnreadable as exc:
         raise Undecryptable from exc
+    if _is_current(keys, body):
+        return None
     return seal(opened, call).body
 
 
@@ -205,13 +208,14 @@ def reseal_text(stored: str, context: tuple[str, ...]) -> str | None:
     Raises :class:`Undecryptable` when no configured key decrypts it.
     """
     if stored.startswith(TEXT_PREFIX):
+        try:
+            clear = unseal_text(stored, context, "a value being re-encrypted")
+        except SnapshotUnreadable as exc:
+            raise Undecryptable from exc
         token = _text_token(stored)
         if token is not None and _is_current(encryption_keys(), token):
             return None
-        try:
-            stored = unseal_text(stored, context, "a value being re-encrypted")
-        except SnapshotUnreadable as exc:
-            raise Undecryptable from exc
+        stored = clear
     return seal_text(stored, context)
 
 

@@ -210,6 +210,16 @@ def test_the_command_reports_unreadable_rows_and_fails(store: str, settings: Any
 
 
 @pytest.mark.django_db
+def test_the_command_reports_an_altered_row_under_the_newest_key(store: str) -> None:
+    post("altered-1")
+    overwrite_body(store, "altered-1", raw_body(store, "altered-1")[:-5] + b"AAAAA")
+    out = StringIO()
+    with pytest.raises(CommandError, match="cannot be decrypted"):
+        call_command("reencrypt_idempotency_keys", "--store", store, stdout=out)
+    assert "re-encrypted 0, 1 unreadable" in out.getvalue()
+
+
+@pytest.mark.django_db
 def test_the_command_works_in_batches(settings: Any) -> None:
     settings.IDEMPOTENCY_ENCRYPTION_KEYS = [OLD]
     for n in range(5):
