@@ -116,7 +116,7 @@ def seal(snapshot: Snapshot, call: Call) -> Snapshot:
     if not keys:
         return snapshot
     headers = _HEADERS_ENCODER.encode(snapshot.headers).encode()
-    token = _encrypt(keys, headers + b"\n" + snapshot.body, _response_data(call.scope, call.key))
+    token = _encrypt(keys, headers + b"\n" + snapshot.body, _data("response", call.scope, call.key))
     return Snapshot(status=snapshot.status, headers=(), body=token)
 
 
@@ -132,11 +132,14 @@ def unseal(snapshot: Snapshot, call: Call) -> Snapshot:
             # (reencrypt_idempotency_keys seals it) or planted in the row.
             _refuse(call, "it is stored in clear while encryption is on")
         return snapshot
-    plaintext = _decrypt_or_refuse(keys, body, _response_data(call.scope, call.key), call)
+    try:
+        plaintext = _decrypt(keys, body, _data("response", call.scope, call.key))
+    except _Unopened as exc:
+        _refuse(call, str(exc))
     envelope, _, clear_body = plaintext.partition(b"\n")
     # Authenticated, so written by seal(): pairs of strings. (A str parses
     # faster than bytes, whose encoding json would detect first.)
-    headers = tuple((name, value) for name, value in json.loads(envelope.decode()))
+    headers = tuple(map(tuple, json.loads(envelope.decode())))
     return Snapshot(status=snapshot.status, headers=headers, body=clear_body)
 
 
@@ -243,10 +246,6 @@ class _Unopened(Exception):
     """Why a token could not be opened (the text goes to the log)."""
 
 
-def _response_data(scope: str, key: str) -> bytes:
-    return _data("response", scope, key)
-
-
 def _data(*parts: str) -> bytes:
     # Each part prefixed with its length: ("ab", "c") and ("a", "bc") differ.
     return "".join([f"{len(part)}:{part}" for part in parts]).encode()
@@ -273,15 +272,6 @@ def _decrypt(keys: tuple[str | bytes, ...], token: bytes, data: bytes) -> bytes:
             continue
         return plaintext
     raise _Unopened("it was altered, or sealed for another row")
-
-
-def _decrypt_or_refuse(
-    keys: tuple[str | bytes, ...], token: bytes, data: bytes, call: Call
-) -> bytes:
-    try:
-        return _decrypt(keys, token, data)
-    except _Unopened as exc:
-        _refuse(call, str(exc))
 
 
 def _is_current(keys: tuple[str | bytes, ...], token: bytes) -> bool:
