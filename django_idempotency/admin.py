@@ -337,9 +337,11 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
-        if obj is None or not _sealed(obj) or not self.has_decrypt_permission(request):
+        if obj is None or not self.has_decrypt_permission(request):
             return fieldsets
-        shown = {"headers": "decrypted_headers", "body": "decrypted_body"}
+        shown = {"steps": "decrypted_steps"}
+        if _sealed(obj):
+            shown.update(headers="decrypted_headers", body="decrypted_body")
         return [
             (
                 name,
@@ -349,11 +351,12 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
-        return (*super().get_readonly_fields(request, obj), "decrypted_headers", "decrypted_body")
+        decrypted = ("decrypted_headers", "decrypted_body", "decrypted_steps")
+        return (*super().get_readonly_fields(request, obj), *decrypted)
 
     def has_decrypt_permission(self, request: HttpRequest) -> bool:
         """Who sees encrypted stored responses in clear: a permission of its own."""
-        return bool(request.user.has_perm(f"{self.opts.app_label}.view_decrypted_response"))
+        return may_decrypt(request)
 
     @admin.display(description=_("response headers"))
     def headers(self, obj: IdempotencyKey) -> str:
@@ -390,6 +393,10 @@ class IdempotencyKeyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     @admin.display(description=_("steps"))
     def steps(self, obj: IdempotencyKey) -> SafeString:
         return render_steps(obj)
+
+    @admin.display(description=_("steps (decrypted)"))
+    def decrypted_steps(self, obj: IdempotencyKey) -> SafeString:
+        return render_steps(obj, decrypt=True)
 
     @admin.display(description=_("outbox messages"))
     def outbox_messages(self, obj: IdempotencyKey) -> SafeString:
@@ -478,14 +485,22 @@ def _render_binary(body: bytes) -> SafeString:
     return format_html('<p>{}</p><pre class="idempotency-body">{}</pre>', size, "\n".join(rows))
 
 
+def may_decrypt(request: HttpRequest) -> bool:
+    """Whether the user sees encrypted values in clear (responses, steps, payloads)."""
+    app_label = IdempotencyKey._meta.app_label
+    return bool(request.user.has_perm(f"{app_label}.view_decrypted_response"))
+
+
+def _encrypted(size: int) -> str:
+    return ngettext("encrypted, %(size)d byte", "encrypted, %(size)d bytes", size) % {"size": size}
+
+
 def _sealed(obj: IdempotencyKey) -> bool:
     return sealing.is_sealed(bytes(obj.response_body))
 
 
 def _encrypted_size(obj: IdempotencyKey) -> SafeString:
-    size = len(bytes(obj.response_body))
-    text = ngettext("encrypted, %(size)d byte", "encrypted, %(size)d bytes", size) % {"size": size}
-    return format_html("{}", text)
+    return format_html("{}", _encrypted(len(bytes(obj.response_body))))
 
 
 def _unsealed(obj: IdempotencyKey) -> Snapshot | None:
@@ -503,15 +518,48 @@ def _unsealed(obj: IdempotencyKey) -> Snapshot | None:
 RELATED_ROWS = 100
 
 
-def render_steps(key: IdempotencyKey) -> SafeString:
-    """The key's recorded steps as a table: name, result, when, expiry."""
+def render_steps(key: IdempotencyKey, *, decrypt: bool = False) -> SafeString:
+    """The key's recorded steps as a table: name, result, when, expiry.
+
+    An encrypted result is shown as its size, or decrypted with ``decrypt``.
+    """
     steps = IdempotencyStep.objects.using(key._state.db).filter(scope=key.scope, key=key.key)
     rows = [
-        (step.name, Truncator(step.result).chars(200), _when(step.created), _when(step.expires))
+        (
+            step.name,
+            Truncator(_step_result(step, decrypt)).chars(200),
+            _when(step.created),
+            _when(step.expires),
+        )
         for step in steps.order_by("created", "pk")[:RELATED_ROWS]
     ]
     headings = (_("name"), _("result"), _("recorded"), _("expires"))
     return _table(headings, rows, empty=gettext("No step recorded."))
+
+
+def _step_result(step: IdempotencyStep, decrypt: bool) -> str:
+    if not sealing.is_sealed_text(step.result):
+        return step.result
+    if not decrypt:
+        return _encrypted(len(step.result))
+    context = sealing.step_context(step.scope, step.key, step.name)
+    try:
+        return sealing.unseal_text(step.result, context, f"the result of step {step.name!r}")
+    except SnapshotUnreadable:
+        return gettext("cannot be decrypted with the configured keys")
+
+
+def render_payload(message: OutboxMessage, *, decrypt: bool = False) -> SafeString:
+    """An outbox message's payload as indented JSON; encrypted: its size, or decrypted."""
+    stored = message.payload
+    if isinstance(stored, str) and sealing.is_sealed_text(stored):
+        if not decrypt:
+            return format_html("{}", _encrypted(len(stored)))
+        try:
+            stored = outbox.open_payload(message)
+        except SnapshotUnreadable:
+            return format_html("{}", gettext("cannot be decrypted with the configured keys"))
+    return format_html("<pre>{}</pre>", json.dumps(stored, indent=2, ensure_ascii=False))
 
 
 def render_outbox_messages(key: IdempotencyKey) -> SafeString:
@@ -599,6 +647,15 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     )
     fields = readonly_fields
 
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields = super().get_fields(request, obj)
+        if not may_decrypt(request):
+            return fields
+        return [("decrypted_payload" if f == "payload_json" else f) for f in fields]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return (*super().get_readonly_fields(request, obj), "decrypted_payload")
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
@@ -616,7 +673,11 @@ class OutboxMessageAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description=_("payload"))
     def payload_json(self, obj: OutboxMessage) -> SafeString:
-        return format_html("<pre>{}</pre>", json.dumps(obj.payload, indent=2, ensure_ascii=False))
+        return render_payload(obj)
+
+    @admin.display(description=_("payload (decrypted)"))
+    def decrypted_payload(self, obj: OutboxMessage) -> SafeString:
+        return render_payload(obj, decrypt=True)
 
     @admin.display(description=_("last error"))
     def short_error(self, obj: OutboxMessage) -> str:

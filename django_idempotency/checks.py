@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections, router
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils.module_loading import import_string
@@ -563,52 +564,130 @@ def check_encryption_keys(**kwargs: Any) -> list[CheckMessage]:
 def check_stored_snapshots(
     databases: Iterable[str] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
-    """Whether the configured keys read the newest stored outcomes (``check --database``)."""
+    """Whether the configured keys read the newest stored values (``check --database``).
+
+    Samples each database given (responses, step results, outbox payloads)
+    and every configured Redis store (responses).
+    """
     if not databases or check_encryption_keys():
         return []
-    from django.db import DatabaseError
-
-    from django_idempotency.models import IdempotencyKey
-
     messages: list[CheckMessage] = []
     for database in databases:
-        rows = (
-            IdempotencyKey.objects.using(database)
-            .filter(state=IdempotencyKey.State.COMPLETED)
-            .order_by("-expires")
-            .values_list("scope", "key", "response_status", "response_body")
-        )
-        try:
-            sample = list(rows[:_SAMPLED_ROWS])
-        except DatabaseError:  # not migrated yet: nothing stored to read
-            continue
-        messages.extend(_check_sample(database, sample))
+        messages.extend(_check_database(database))
+    messages.extend(_check_cache_stores())
     return messages
 
 
-def _check_sample(
-    database: str, sample: list[tuple[str, str, int | None, bytes | memoryview]]
-) -> list[CheckMessage]:
+def _check_database(database: str) -> list[CheckMessage]:
+    from django.db import DatabaseError
+
+    from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
+
+    responses = (
+        IdempotencyKey.objects.using(database)
+        .filter(state=IdempotencyKey.State.COMPLETED)
+        .order_by("-expires")
+        .values_list("scope", "key", "response_body")
+    )
+    steps = (
+        IdempotencyStep.objects.using(database)
+        .order_by("-expires")
+        .values_list("scope", "key", "name", "result")
+    )
+    payloads = (
+        OutboxMessage.objects.using(database)
+        .filter(state=OutboxMessage.State.PENDING)
+        .order_by("-created")
+        .values_list("pk", "topic", "payload")
+    )
+    try:
+        verdicts = [
+            _read_response(scope, key, body) for scope, key, body in responses[:_SAMPLED_ROWS]
+        ]
+        verdicts += [_read_step(*row) for row in steps[:_SAMPLED_ROWS]]
+        verdicts += [_read_payload(*row) for row in payloads[:_SAMPLED_ROWS]]
+    except DatabaseError:  # not migrated yet: nothing stored to read
+        return []
+    return _verdict(f"database {database!r}", verdicts)
+
+
+def _check_cache_stores() -> list[CheckMessage]:
+    from django_idempotency.exceptions import StoreUnavailable
+    from django_idempotency.stores import build_store
+
+    stores = app_settings.STORES
+    messages: list[CheckMessage] = []
+    for alias in stores if isinstance(stores, dict) else ():
+        try:
+            store = build_store(alias)
+            # The Redis store (imported only where configured: it needs django-redis).
+            sample = getattr(store, "sample_outcomes", None)
+            if sample is None:
+                continue
+            outcomes = sample(_SAMPLED_ROWS)
+        except (ImproperlyConfigured, ImportError, StoreUnavailable):
+            continue  # E012 reports a bad store; an unreachable one has nothing to say
+        verdicts = [_read_response(scope, key, body) for scope, key, body in outcomes]
+        messages.extend(_verdict(f"Redis store {alias!r}", verdicts))
+    return messages
+
+
+#: What a sampled value is: readable, stored in clear, or unreadable.
+_READABLE, _CLEAR, _UNREADABLE = "readable", "clear", "unreadable"
+
+
+def _read_response(scope: str, key: str, stored: bytes | memoryview) -> str:
     from django_idempotency import sealing
     from django_idempotency.exceptions import SnapshotUnreadable
     from django_idempotency.protocol import Call, Snapshot
 
-    unreadable = clear = 0
-    for scope, key, status, stored in sample:
-        body = bytes(stored)
-        if not sealing.is_sealed(body):
-            clear += 1
-            continue
-        try:
-            sealing.unseal(Snapshot(status or 0, (), body), Call(scope, key, ""))
-        except SnapshotUnreadable:
-            unreadable += 1
+    body = bytes(stored)
+    if not sealing.is_sealed(body):
+        return _CLEAR
+    try:
+        sealing.unseal(Snapshot(0, (), body), Call(scope, key, ""))
+    except SnapshotUnreadable:
+        return _UNREADABLE
+    return _READABLE
+
+
+def _read_step(scope: str, key: str, name: str, result: str) -> str:
+    from django_idempotency import sealing
+
+    return _read_text(result, sealing.step_context(scope, key, name), f"step {name!r}")
+
+
+def _read_payload(pk: Any, topic: str, payload: Any) -> str:
+    from django_idempotency import sealing
+
+    if not isinstance(payload, str):
+        return _CLEAR
+    return _read_text(payload, sealing.message_context(pk, topic), f"outbox message {pk}")
+
+
+def _read_text(stored: str, context: tuple[str, ...], what: str) -> str:
+    from django_idempotency import sealing
+    from django_idempotency.exceptions import SnapshotUnreadable
+
+    if not sealing.is_sealed_text(stored):
+        return _CLEAR
+    try:
+        sealing.unseal_text(stored, context, what)
+    except SnapshotUnreadable:
+        return _UNREADABLE
+    return _READABLE
+
+
+def _verdict(where: str, verdicts: list[str]) -> list[CheckMessage]:
+    from django_idempotency import sealing
+
+    unreadable, clear = verdicts.count(_UNREADABLE), verdicts.count(_CLEAR)
     if unreadable:
         return [
             _error(
                 42,
-                f"{unreadable} of the {len(sample)} newest stored responses in database "
-                f"{database!r} cannot be decrypted with IDEMPOTENCY_ENCRYPTION_KEYS.",
+                f"{unreadable} of the {len(verdicts)} newest stored values sampled in {where} "
+                "cannot be decrypted with IDEMPOTENCY_ENCRYPTION_KEYS.",
                 "Put back the key they were sealed with (older keys go after the newest); "
                 "their replays are refused with 503 until then.",
             )
@@ -616,8 +695,8 @@ def _check_sample(
     if clear and sealing.enabled():
         return [
             Warning(
-                f"{clear} of the {len(sample)} newest stored responses in database "
-                f"{database!r} are stored in clear while encryption is on.",
+                f"{clear} of the {len(verdicts)} newest stored values sampled in {where} "
+                "are stored in clear while encryption is on.",
                 hint="Run manage.py reencrypt_idempotency_keys: until then their replays "
                 "are refused with 503.",
                 id="django_idempotency.W011",

@@ -175,8 +175,8 @@ class Settings:
 
     @property
     def ENCRYPTION_KEYS(self) -> Any:
-        """Fernet keys, newest first, that stored outcomes are encrypted with; empty: none."""
-        return getattr(settings, "IDEMPOTENCY_ENCRYPTION_KEYS", None) or ()
+        """Keys (Fernet's format), newest first, that stored values are encrypted with."""
+        return self._read("IDEMPOTENCY_ENCRYPTION_KEYS", None) or ()
 
     @property
     def MAX_BODY_SIZE(self) -> int:

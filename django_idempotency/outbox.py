@@ -29,8 +29,9 @@ from django.db import connections, router, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from django_idempotency import engine, workflow
+from django_idempotency import engine, sealing, workflow
 from django_idempotency.conf import app_settings, load_callable
+from django_idempotency.exceptions import SnapshotUnreadable
 from django_idempotency.models import OutboxMessage
 from django_idempotency.protocol import ATOMIC
 
@@ -78,8 +79,39 @@ def enqueue(topic: str, payload: dict[str, Any]) -> OutboxMessage:
             idempotency_key=execution.call.key,
             step=step,
         )
+    # Sealed when encryption is on (the payload may name a person), bound to
+    # the message's id and topic; the caller keeps the payload in clear.
+    message.payload = seal_payload(message.pk, topic, payload)
     message.save(using=database, force_insert=True)
+    message.payload = payload
     return message
+
+
+def seal_payload(message_id: Any, topic: str, payload: dict[str, Any]) -> Any:
+    """``payload`` as the column stores it: a dict, or a sealed string with encryption on."""
+    if not sealing.enabled():
+        return payload
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return sealing.seal_text(text, sealing.message_context(message_id, topic))
+
+
+def open_payload(message: OutboxMessage) -> dict[str, Any]:
+    """The payload of a stored message in clear; raises ``SnapshotUnreadable`` (logged).
+
+    A sealed payload that no configured key opens (altered, moved from another
+    message, its key removed), or a clear one while encryption is on, is refused.
+    """
+    stored = message.payload
+    text = stored if isinstance(stored, str) else json.dumps(stored)
+    what = f"the payload of outbox message {message.pk} ({message.topic})"
+    payload = json.loads(sealing.unseal_text(text, payload_context(message), what))
+    if not isinstance(payload, dict):
+        raise SnapshotUnreadable(f"The payload of outbox message {message.pk} is not a dict.")
+    return payload
+
+
+def payload_context(message: OutboxMessage) -> tuple[str, ...]:
+    return sealing.message_context(message.pk, message.topic)
 
 
 def _check(topic: Any, payload: Any) -> None:
@@ -181,6 +213,7 @@ def _take(database: str, batch_size: int, claim_timeout: timedelta) -> list[Outb
 
 def _send(database: str, sender: Sender, message: OutboxMessage) -> bool:
     try:
+        message.payload = open_payload(message)
         sender(message)
     except Exception as exc:
         pause = backoff(message.attempts)

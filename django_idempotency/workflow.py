@@ -35,7 +35,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
-from django_idempotency import signals
+from django_idempotency import sealing, signals
 from django_idempotency.engine import Execution, current_execution
 from django_idempotency.exceptions import FingerprintMismatch, LeaseLost
 from django_idempotency.models import IdempotencyKey, IdempotencyStep
@@ -217,7 +217,11 @@ def _recorded(database: str, execution: Execution) -> dict[str, Any]:
                 "This idempotency key has recorded steps of a different request."
             )
         else:
-            recorded[name] = json.loads(result)
+            # Sealed when encryption is on; a tampered record is refused (503),
+            # never taken as the step's result nor a reason to run it again.
+            context = sealing.step_context(call.scope, call.key, name)
+            what = f"the recorded result of step {name!r} of {call}"
+            recorded[name] = json.loads(sealing.unseal_text(result, context, what))
     if expired:
         IdempotencyStep.objects.using(database).filter(
             scope=call.scope, key=call.key, name__in=expired
@@ -252,7 +256,7 @@ def _record(
         call.key,
         claim.token,
         IdempotencyKey.State.IN_PROGRESS.value,
-        body,
+        sealing.seal_text(body, sealing.step_context(call.scope, call.key, name)),
         adapt(now),
         adapt(expires),
     ]

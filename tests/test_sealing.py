@@ -17,21 +17,27 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 from django.contrib import auth
-from django.contrib.auth.models import Permission
+from django.contrib.auth.models import AnonymousUser, Permission
 from django.core.checks import run_checks
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.test import Client
+from django.db import transaction
+from django.http import HttpResponse
+from django.test import Client, RequestFactory
 from django.urls import reverse
 from django_redis import get_redis_connection
 
-from django_idempotency import sealing
+from django_idempotency import outbox, sealing
 from django_idempotency.checks import check_encryption_keys, check_stored_snapshots
+from django_idempotency.decorators import idempotent, idempotent_block
 from django_idempotency.engine import Call, Snapshot
 from django_idempotency.exceptions import SnapshotUnreadable
-from django_idempotency.models import IdempotencyKey
+from django_idempotency.fingerprints import request_fingerprint
+from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMessage
+from django_idempotency.outbox import enqueue
 from django_idempotency.stores import get_store
 from django_idempotency.stores.cache import CacheStore
+from django_idempotency.workflow import step
 from tests.factories import UserFactory
 from tests.lease_stores import (
     DATABASE,
@@ -205,6 +211,16 @@ def test_the_command_reports_unreadable_rows_and_fails(store: str, settings: Any
 
 
 @pytest.mark.django_db
+def test_the_command_reports_an_altered_row_under_the_newest_key(store: str) -> None:
+    post("altered-1")
+    overwrite_body(store, "altered-1", raw_body(store, "altered-1")[:-5] + b"AAAAA")
+    out = StringIO()
+    with pytest.raises(CommandError, match="cannot be decrypted"):
+        call_command("reencrypt_idempotency_keys", "--store", store, stdout=out)
+    assert "re-encrypted 0, 1 unreadable" in out.getvalue()
+
+
+@pytest.mark.django_db
 def test_the_command_works_in_batches(settings: Any) -> None:
     settings.IDEMPOTENCY_ENCRYPTION_KEYS = [OLD]
     for n in range(5):
@@ -214,7 +230,7 @@ def test_the_command_works_in_batches(settings: Any) -> None:
     call_command(
         "reencrypt_idempotency_keys", "--batch-size", "2", "--database", "default", stdout=out
     )
-    assert "5 stored response(s) examined, re-encrypted 5" in out.getvalue()
+    assert "5 stored value(s) examined, re-encrypted 5" in out.getvalue()
     settings.IDEMPOTENCY_ENCRYPTION_KEYS = [NEW]
     assert all(post(f"batch-{n}").status_code == 201 for n in range(5))
 
@@ -424,3 +440,312 @@ def test_the_admin_decrypts_for_users_with_the_permission(
     page = admin_detail(staff_client, "admin-2")
     assert "cannot be decrypted with the configured keys" in page
     assert "secret-widget" not in page
+
+
+# Formats: AES-GCM tokens, key ids, Fernet tokens of earlier versions ------------------------
+
+
+def fernet_token(key: str, call: Call, headers: list[list[str]], body: bytes) -> bytes:
+    """A body sealed the way earlier versions did: one Fernet token, scope and key inside."""
+    envelope = json.dumps({"s": call.scope, "k": call.key, "h": headers}).encode()
+    return sealing.FERNET_PREFIX + Fernet(key).encrypt(envelope + b"\n" + body)
+
+
+def test_a_token_names_its_key_and_only_that_key_is_tried(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [NEW, OLD]
+    call = Call("user:1", "k", "")
+    sealed = sealing.seal(Snapshot(201, (), b"hi"), call).body
+    prefix = len(sealing.SEALED_PREFIX)
+    assert sealed[prefix : prefix + sealing.KEY_ID_SIZE] == sealing.key_id(NEW)
+    assert sealing.key_id(NEW) != sealing.key_id(OLD)
+    # Key ids differ from one token to the next only in their nonce.
+    again = sealing.seal(Snapshot(201, (), b"hi"), call).body
+    assert sealed[: prefix + 4] == again[: prefix + 4]
+    assert sealed != again
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [OLD]
+    with (
+        caplog.at_level(logging.ERROR, logger="django_idempotency"),
+        pytest.raises(SnapshotUnreadable),
+    ):
+        sealing.unseal(Snapshot(201, (), sealed), call)
+    assert "sealed with a key that is not configured" in caplog.text
+
+
+def test_keys_are_derived_not_used_as_they_are() -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    # A token opened with the configured key's raw bytes as the AES key fails:
+    # the AES-256 key is derived from it (HKDF), as the docs say.
+    with_raw_key = AESGCM(base64.urlsafe_b64decode(OLD))
+    nonce = b"\0" * sealing.NONCE_SIZE
+    derived, _ = sealing._derive(OLD)
+    assert derived != base64.urlsafe_b64decode(OLD)
+    token = AESGCM(derived).encrypt(nonce, b"x", b"")
+    with pytest.raises(Exception):  # noqa: B017, PT011 (cryptography's InvalidTag)
+        with_raw_key.decrypt(nonce, token, b"")
+
+
+@pytest.mark.django_db
+def test_responses_sealed_as_fernet_tokens_still_replay_and_the_command_moves_them(
+    settings: Any,
+) -> None:
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [OLD]
+    first = post("fernet-1")
+    row = IdempotencyKey.objects.get(key="fernet-1")
+    call = Call(row.scope, row.key, "")
+    headers = [["Content-Type", "application/json"], ["Location", first["Location"]]]
+    row.response_body = fernet_token(OLD, call, headers, first.content)
+    row.save()
+    replay = post("fernet-1")
+    assert (replay.status_code, replay.content) == (201, first.content)
+    assert replay["Location"] == first["Location"]
+    out = StringIO()
+    call_command("reencrypt_idempotency_keys", stdout=out)
+    assert "re-encrypted 1, 0 unreadable" in out.getvalue()
+    resealed = bytes(IdempotencyKey.objects.get(key="fernet-1").response_body)
+    assert resealed.startswith(sealing.SEALED_PREFIX)
+    assert post("fernet-1").content == first.content
+    # A Fernet token moved to another key's row is refused, as before.
+    post("fernet-2")
+    other = IdempotencyKey.objects.get(key="fernet-2")
+    other.response_body = fernet_token(OLD, call, headers, first.content)
+    other.save()
+    assert post("fernet-2").status_code == 503
+
+
+# Steps and outbox messages ------------------------------------------------------------------
+
+
+def pay(key: str, *, fail_at: str | None = None) -> Any:
+    """Two steps holding personal data; raises inside step ``fail_at``."""
+
+    def work(name: str) -> dict[str, Any]:
+        Order.objects.create(item=name)
+        if name == fail_at:
+            raise RuntimeError(name)
+        return {"step": name, "card_holder": "Ann Example"}
+
+    with idempotent_block(key, scope="shop", payload={}, mode="lease") as block:
+        if not block.replayed:
+            block.result = [step(name, partial(work, name)) for name in ("a", "b")]
+    return block.result
+
+
+def items() -> list[str]:
+    return sorted(Order.objects.values_list("item", flat=True))
+
+
+@pytest.fixture
+def encrypted(settings: Any) -> None:
+    settings.IDEMPOTENCY_STORES = STORES
+    settings.IDEMPOTENCY_STORE = DATABASE
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [OLD]
+    settings.IDEMPOTENCY_OUTBOX_SENDER = "tests.test_sealing.record_sent"
+
+
+SENT: list[dict[str, Any]] = []
+
+
+def record_sent(message: OutboxMessage) -> None:
+    SENT.append(message.payload)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_step_results_are_sealed_at_rest_and_resume_in_clear(encrypted: None) -> None:
+    with pytest.raises(RuntimeError):
+        pay("steps-1", fail_at="b")
+    stored = IdempotencyStep.objects.get(key="steps-1", name="a").result
+    assert sealing.is_sealed_text(stored)
+    assert "Ann Example" not in stored
+    result = pay("steps-1")  # resumes at b, a's result read back in clear
+    assert result == [{"step": n, "card_holder": "Ann Example"} for n in ("a", "b")]
+    assert items() == ["a", "b"]  # b's write rolled back with its step, then ran once
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda result, other: result[:-6] + "AAAAAA", id="altered"),
+        pytest.param(lambda result, other: other, id="moved-from-another-key"),
+        pytest.param(lambda result, other: '{"step": "a"}', id="clear-planted"),
+        pytest.param(lambda result, other: sealing.TEXT_PREFIX + "%%%", id="not-base64"),
+    ],
+)
+def test_a_tampered_step_result_is_refused_logged_and_the_step_not_rerun(
+    encrypted: None, tamper: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    for key in ("victim", "tampered"):
+        with pytest.raises(RuntimeError):
+            pay(key, fail_at="b")
+    victim = IdempotencyStep.objects.get(key="victim").result
+    row = IdempotencyStep.objects.get(key="tampered")
+    row.result = tamper(row.result, victim)
+    row.save()
+    with (
+        caplog.at_level(logging.ERROR, logger="django_idempotency"),
+        pytest.raises(SnapshotUnreadable),
+    ):
+        pay("tampered")
+    assert "Refused to use the recorded result of step 'a'" in caplog.text
+    assert items() == ["a", "a"]  # neither a nor b ran again
+
+
+@pytest.mark.django_db
+def test_a_view_whose_step_record_is_unreadable_answers_503(encrypted: None) -> None:
+    @idempotent(mode="atomic")
+    def view(request: Any) -> HttpResponse:
+        return HttpResponse(json.dumps(step("charge", lambda: {"card": "4242"})))
+
+    request = RequestFactory().post(
+        "/", b"{}", content_type="application/json", headers={"Idempotency-Key": "v1"}
+    )
+    request.user = AnonymousUser()
+    IdempotencyStep.objects.create(
+        scope="anonymous",
+        key="v1",
+        name="charge",
+        fingerprint=request_fingerprint(request),
+        token="t",
+        result=sealing.TEXT_PREFIX + "AAAA",
+        expires="2099-01-01T00:00:00Z",
+    )
+    response = view(request)
+    assert response.status_code == 503
+    assert json.loads(response.content)["type"] == UNREADABLE
+    assert not IdempotencyKey.objects.filter(key="v1").exists()  # rolled back, free again
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outbox_payloads_are_sealed_at_rest_and_relayed_in_clear(encrypted: None) -> None:
+    SENT.clear()
+    with transaction.atomic():
+        message = enqueue("receipts", {"email": "ann@example.com"})
+    assert message.payload == {"email": "ann@example.com"}  # the caller's copy stays clear
+    stored = OutboxMessage.objects.values_list("payload", flat=True).get()
+    assert isinstance(stored, str)
+    assert sealing.is_sealed_text(stored)
+    assert "ann@example.com" not in stored
+    assert outbox.relay(outbox.get_sender()).sent == 1
+    assert SENT == [{"email": "ann@example.com"}]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda payload, other: payload[:-6] + "AAAAAA", id="altered"),
+        pytest.param(lambda payload, other: other, id="moved-from-another-message"),
+        pytest.param(lambda payload, other: {"email": "eve@example.com"}, id="clear-planted"),
+    ],
+)
+def test_a_tampered_payload_is_refused_logged_and_never_sent(
+    encrypted: None, tamper: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    SENT.clear()
+    with transaction.atomic():
+        victim = enqueue("receipts", {"email": "ann@example.com"})
+        tampered = enqueue("receipts", {"email": "bob@example.com"})
+    rows = OutboxMessage.objects.filter(pk__in=[victim.pk, tampered.pk])
+    payloads = dict(rows.values_list("pk", "payload"))
+    OutboxMessage.objects.filter(pk=tampered.pk).update(
+        payload=tamper(payloads[tampered.pk], payloads[victim.pk])
+    )
+    with caplog.at_level(logging.ERROR, logger="django_idempotency"):
+        report = outbox.relay(outbox.get_sender())
+    assert (report.sent, report.failed) == (1, 1)
+    assert SENT == [{"email": "ann@example.com"}]
+    row = OutboxMessage.objects.get(pk=tampered.pk)
+    assert row.state == OutboxMessage.State.PENDING  # kept, retried later, never dropped
+    assert row.last_error.startswith("SnapshotUnreadable: ")
+    assert f"Refused to use the payload of outbox message {tampered.pk}" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_command_reseals_steps_and_payloads_clear_or_under_an_older_key(
+    encrypted: None, settings: Any
+) -> None:
+    SENT.clear()
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = []
+    with pytest.raises(RuntimeError):
+        pay("old-clear", fail_at="b")
+    with transaction.atomic():
+        enqueue("receipts", {"n": 1})
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [OLD]
+    with pytest.raises(RuntimeError):
+        pay("old-sealed", fail_at="b")
+    with transaction.atomic():
+        enqueue("receipts", {"n": 2})
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [NEW, OLD]
+    out = StringIO()
+    call_command("reencrypt_idempotency_keys", stdout=out)
+    assert "4 stored value(s) examined, re-encrypted 4, 0 unreadable" in out.getvalue()
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [NEW]  # the old key retired
+    assert len(pay("old-clear")) == len(pay("old-sealed")) == 2
+    assert items() == ["a", "a", "b", "b"]  # a resumed from its record, twice
+    assert outbox.relay(outbox.get_sender()).sent == 2
+    assert sorted(p["n"] for p in SENT) == [1, 2]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_admin_shows_sealed_steps_and_payloads_only_with_the_permission(
+    encrypted: None, staff_client: Client
+) -> None:
+    with pytest.raises(RuntimeError):
+        pay("admin-steps", fail_at="b")
+    with transaction.atomic():
+        message = enqueue("receipts", {"email": "ann@example.com"})
+    IdempotencyKey.objects.create(
+        scope="shop", key="admin-steps", fingerprint="f", token="t", expires="2099-01-01T00:00Z"
+    )
+    user = auth.get_user(staff_client)
+    user.user_permissions.add(Permission.objects.get(codename="view_outboxmessage"))
+    message_page = reverse("admin:django_idempotency_outboxmessage_change", args=[message.pk])
+    key_page = admin_detail(staff_client, "admin-steps")
+    assert "Ann Example" not in key_page
+    assert "encrypted, " in key_page
+    page = staff_client.get(message_page).content.decode()
+    assert "ann@example.com" not in page
+    assert "encrypted, " in page
+    user.user_permissions.add(Permission.objects.get(codename="view_decrypted_response"))
+    user = auth.get_user(staff_client)
+    assert "Ann Example" in admin_detail(staff_client, "admin-steps")
+    assert "ann@example.com" in staff_client.get(message_page).content.decode()
+
+
+# Check E042 beyond the responses table ------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_check_samples_a_redis_store(settings: Any, redis_records: None) -> None:
+    settings.IDEMPOTENCY_STORES = STORES
+    settings.IDEMPOTENCY_STORE = REDIS
+    settings.IDEMPOTENCY_MODE = "lease"
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = []
+    post("redis-clear")
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [OLD]
+    post("redis-sealed")
+    [warning] = check_stored_snapshots(databases=["default"])
+    assert warning.id == "django_idempotency.W011"
+    assert "1 of the 2 newest stored values sampled in Redis store 'redis'" in warning.msg
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [NEW]
+    [error] = check_stored_snapshots(databases=["default"])
+    assert error.id == "django_idempotency.E042"
+    assert "1 of the 2 newest stored values sampled in Redis store 'redis'" in error.msg
+    call_command("erase_idempotency_keys", "--scope", "anonymous", stdout=StringIO())
+    assert check_stored_snapshots(databases=["default"]) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_check_samples_step_results_and_outbox_payloads(encrypted: None, settings: Any) -> None:
+    with pytest.raises(RuntimeError):
+        pay("check-steps", fail_at="b")
+    with transaction.atomic():
+        enqueue("receipts", {"email": "ann@example.com"})
+    assert check_stored_snapshots(databases=["default"]) == []
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [NEW]
+    [error] = check_stored_snapshots(databases=["default"])
+    assert error.id == "django_idempotency.E042"
+    assert "2 of the 2 newest stored values sampled in database 'default'" in error.msg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -11,6 +12,20 @@ from django_idempotency.protocol import Call, Claim, Execute, Policy, Snapshot
 
 if TYPE_CHECKING:
     from django_idempotency.sealing import Resealing
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """What erasing a scope from a store did (or, on a dry run, would do)."""
+
+    #: Keys erased, with their stored responses.
+    keys: int = 0
+    #: Recorded step results erased (database store).
+    steps: int = 0
+    #: Outbox messages erased: those already sent, and pending ones if asked.
+    messages: int = 0
+    #: Outbox messages not yet delivered, kept (a follow-up still owed).
+    kept_pending: int = 0
 
 
 class Store:
@@ -62,8 +77,18 @@ class Store:
         """Free the key if ``claim`` still owns it."""
         raise NotImplementedError
 
-    def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
-        """Delete every key of ``scope``, whatever its state; return how many (there were)."""
+    def erase(
+        self,
+        scope: str,
+        *,
+        dry_run: bool = False,
+        batch_size: int = 1000,
+        include_pending: bool = False,
+    ) -> Erasure:
+        """Delete every key of ``scope``, whatever its state, and what its executions recorded.
+
+        Outbox messages not yet sent are kept unless ``include_pending``.
+        """
         raise NotImplementedError(f"The {type(self).__name__} store cannot erase by scope.")
 
     def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:

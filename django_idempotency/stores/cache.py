@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from django_idempotency import sealing
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress, StoreUnavailable
 from django_idempotency.protocol import Call, Claim, Execute, Policy, Replay, Snapshot
 from django_idempotency.sealing import Resealing
-from django_idempotency.stores.base import Store
+from django_idempotency.stores.base import Erasure, Store
 
 logger = logging.getLogger("django_idempotency")
 
@@ -200,7 +201,15 @@ class CacheStore(Store):
         digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
         return self._name(f"{_scope_digest(scope)}:{digest}")
 
-    def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
+    def erase(
+        self,
+        scope: str,
+        *,
+        dry_run: bool = False,
+        batch_size: int = 1000,
+        include_pending: bool = False,
+    ) -> Erasure:
+        # Only keys: steps and outbox messages need the database store.
         pattern = f"{_glob_escape(self._name(_scope_digest(scope)))}:*"
         erased = 0
         with self._reachable() as client:
@@ -211,7 +220,26 @@ class CacheStore(Store):
                     erased += raw is not None and _loads(raw).get("scope") == scope
                 else:
                     erased += int(erase(keys=[name], args=[scope], client=client))
-        return erased
+        return Erasure(keys=erased)
+
+    def sample_outcomes(self, limit: int) -> list[tuple[str, str, bytes]]:
+        """Up to ``limit`` stored outcomes, as (scope, key, body): for check E042.
+
+        Whichever ``SCAN`` meets first (Redis keeps no order), looking at no
+        more than a hundred times ``limit`` records.
+        """
+        sample: list[tuple[str, str, bytes]] = []
+        with self._reachable() as client:
+            names = client.scan_iter(match=f"{_glob_escape(self._name(''))}*", count=limit * 5)
+            for name in itertools.islice(names, limit * 100):
+                raw = client.get(name)
+                record = None if raw is None else _loads(raw)
+                if record is not None and record.get("state") == COMPLETED:
+                    body = base64.b64decode(record.get("body", ""))
+                    sample.append((record["scope"], record["key"], body))
+                    if len(sample) >= limit:
+                        break
+        return sample
 
     def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:
         done = Resealing()

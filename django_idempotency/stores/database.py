@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import math
 import threading
@@ -23,7 +24,7 @@ from django.db import (
     transaction,
 )
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import F
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from django_idempotency import sealing
@@ -32,7 +33,7 @@ from django_idempotency.models import IdempotencyKey, IdempotencyStep, OutboxMes
 from django_idempotency.protocol import ATOMIC, Call, Claim, Execute, Policy, Replay, Snapshot
 from django_idempotency.sealing import Resealing
 from django_idempotency.stores import postgresql, sql
-from django_idempotency.stores.base import Store
+from django_idempotency.stores.base import Erasure, Store
 from django_idempotency.stores.sql import Inserted
 
 logger = logging.getLogger("django_idempotency")
@@ -160,22 +161,46 @@ class DatabaseStore(Store):
         with reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
             cursor.execute(sql.statements(connection).release, params)
 
-    def erase(self, scope: str, *, dry_run: bool = False, batch_size: int = 1000) -> int:
+    def erase(
+        self,
+        scope: str,
+        *,
+        dry_run: bool = False,
+        batch_size: int = 1000,
+        include_pending: bool = False,
+    ) -> Erasure:
         keys = IdempotencyKey.objects.using(self.db).filter(scope=scope)
-        if dry_run:
-            return keys.count()
-        erased = 0
-        while batch := list(keys.values_list("pk", flat=True)[:batch_size]):
-            erased += keys.filter(pk__in=batch).delete()[0]
         # What the keys' executions recorded goes with them: step results, and
-        # outbox messages already sent (pending ones are effects still owed).
-        IdempotencyStep.objects.using(self.db).filter(scope=scope).delete()
-        OutboxMessage.objects.using(self.db).filter(
-            scope=scope, state=OutboxMessage.State.SENT
-        ).delete()
-        return erased
+        # outbox messages already sent. Pending ones are follow-ups still owed
+        # (a refund notice, a shipment): kept unless asked, and counted.
+        steps = IdempotencyStep.objects.using(self.db).filter(scope=scope)
+        messages = OutboxMessage.objects.using(self.db).filter(scope=scope)
+        pending = messages.filter(state=OutboxMessage.State.PENDING)
+        if not include_pending:
+            messages = messages.filter(state=OutboxMessage.State.SENT)
+        if dry_run:
+            return Erasure(
+                keys=keys.count(),
+                steps=steps.count(),
+                messages=messages.count(),
+                kept_pending=0 if include_pending else pending.count(),
+            )
+        return Erasure(
+            keys=_delete_in_batches(keys, batch_size),
+            steps=_delete_in_batches(steps, batch_size),
+            messages=_delete_in_batches(messages, batch_size),
+            kept_pending=0 if include_pending else pending.count(),
+        )
 
     def reseal(self, *, dry_run: bool = False, batch_size: int = 1000) -> Resealing:
+        """Stored responses, step results and outbox payloads, with the newest key."""
+        return (
+            self._reseal_responses(dry_run, batch_size)
+            + self._reseal_steps(dry_run, batch_size)
+            + self._reseal_messages(dry_run, batch_size)
+        )
+
+    def _reseal_responses(self, dry_run: bool, batch_size: int) -> Resealing:
         rows = (
             IdempotencyKey.objects.using(self.db)
             .filter(state=State.COMPLETED)
@@ -190,6 +215,51 @@ class DatabaseStore(Store):
                 done += Resealing(examined=len(batch))
                 for pk, scope, key, token, headers, body in batch:
                     done += self._reseal_row(pk, scope, key, token, headers, body, dry_run)
+        return done
+
+    def _reseal_steps(self, dry_run: bool, batch_size: int) -> Resealing:
+        steps = IdempotencyStep.objects.using(self.db)
+        rows = steps.order_by("pk").values_list("pk", "scope", "key", "name", "result")
+        done, last = Resealing(), 0
+        while batch := list(rows.filter(pk__gt=last)[:batch_size]):
+            last = batch[-1][0]
+            with transaction.atomic(using=self.db):
+                for pk, scope, key, name, result in batch:
+                    context = sealing.step_context(scope, key, name)
+                    try:
+                        sealed = sealing.reseal_text(result, context)
+                    except sealing.Undecryptable:
+                        logger.error("Not re-encrypted: no configured key decrypts step %s", pk)
+                        done += Resealing(examined=1, unreadable=1)
+                        continue
+                    # Only the record this run read (a step is recorded once; a key
+                    # released and run again may have recorded it anew).
+                    changed = sealed is not None and (
+                        dry_run or steps.filter(pk=pk, result=result).update(result=sealed)
+                    )
+                    done += Resealing(examined=1, resealed=int(bool(changed)))
+        return done
+
+    def _reseal_messages(self, dry_run: bool, batch_size: int) -> Resealing:
+        messages = OutboxMessage.objects.using(self.db)
+        rows = messages.order_by("pk").values_list("pk", "topic", "payload")
+        done, last = Resealing(), None
+        while batch := list((rows.filter(pk__gt=last) if last else rows)[:batch_size]):
+            last = batch[-1][0]
+            with transaction.atomic(using=self.db):
+                for pk, topic, payload in batch:
+                    # A payload never changes once enqueued: no need to compare it.
+                    stored = payload if isinstance(payload, str) else json.dumps(payload)
+                    context = sealing.message_context(pk, topic)
+                    try:
+                        sealed = sealing.reseal_text(stored, context)
+                    except sealing.Undecryptable:
+                        logger.error("Not re-encrypted: no configured key decrypts message %s", pk)
+                        done += Resealing(examined=1, unreadable=1)
+                        continue
+                    if sealed is not None and not dry_run:
+                        messages.filter(pk=pk).update(payload=sealed)
+                    done += Resealing(examined=1, resealed=int(sealed is not None))
         return done
 
     def _reseal_row(
@@ -724,3 +794,11 @@ def _is_lock_contention(exc: OperationalError) -> bool:
         return code in {1205, 1213}  # MySQL: lock wait timeout, deadlock
     message = str(exc).lower()
     return "locked" in message or "busy" in message  # SQLite
+
+
+def _delete_in_batches(queryset: QuerySet[Any], batch_size: int) -> int:
+    """Delete the rows of ``queryset``, ``batch_size`` per statement; return how many."""
+    deleted = 0
+    while batch := list(queryset.values_list("pk", flat=True)[:batch_size]):
+        deleted += queryset.filter(pk__in=batch).delete()[0]
+    return deleted

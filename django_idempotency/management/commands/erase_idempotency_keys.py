@@ -9,14 +9,16 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
 from django_idempotency.conf import app_settings
-from django_idempotency.erasure import erase_scope
+from django_idempotency.erasure import Erasure, erase_scope
 from django_idempotency.management.commands.purge_idempotency_keys import _batch_size
 
 
 class Command(BaseCommand):
     help = (
         "Delete every idempotency key of the given scopes, with its stored response, "
-        "from every configured store (or --store): for erasure requests."
+        "its recorded steps and its sent outbox messages, from every configured store "
+        "(or --store): for erasure requests. Outbox messages not yet sent are kept and "
+        "counted (follow-ups still owed) unless --include-pending."
     )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
@@ -32,7 +34,17 @@ class Command(BaseCommand):
             metavar="ALIAS",
             help="Only this store alias of IDEMPOTENCY_STORES (repeatable; default: all).",
         )
+        parser.add_argument(
+            "--database",
+            help="For database stores: the database alias (default: the store's).",
+        )
         parser.add_argument("--batch-size", type=_batch_size, default=1000)
+        parser.add_argument(
+            "--include-pending",
+            action="store_true",
+            help="Also delete the scope's outbox messages not yet sent (their follow-ups are "
+            "then never delivered).",
+        )
         parser.add_argument(
             "--dry-run", action="store_true", help="Count the keys that would be erased."
         )
@@ -42,19 +54,36 @@ class Command(BaseCommand):
         if any(not scope.strip() for scope in scopes):
             raise CommandError("--scope must not be empty.")
         stores = _aliases(options["store"])
-        verb = "Would erase" if options["dry_run"] else "Erased"
+        dry_run = options["dry_run"]
         for scope in scopes:
             try:
-                counts = erase_scope(
+                erased = erase_scope(
                     scope,
                     stores=stores,
-                    dry_run=options["dry_run"],
+                    dry_run=dry_run,
                     batch_size=options["batch_size"],
+                    include_pending=options["include_pending"],
+                    database=options["database"],
                 )
             except (ImproperlyConfigured, NotImplementedError) as exc:
                 raise CommandError(str(exc)) from exc
-            for alias, count in counts.items():
-                self.stdout.write(f"{verb} {count} key(s) of scope {scope!r} in store {alias!r}.")
+            for alias, done in erased.items():
+                self.stdout.write(_report(scope, alias, done, dry_run))
+
+
+def _report(scope: str, alias: str, done: Erasure, dry_run: bool) -> str:
+    verb = "Would erase" if dry_run else "Erased"
+    line = f"{verb} {done.keys} key(s) of scope {scope!r} in store {alias!r}"
+    if done.steps or done.messages:
+        line += f", with {done.steps} step result(s) and {done.messages} outbox message(s)"
+    line += "."
+    if done.kept_pending:
+        kept = "Would keep" if dry_run else "Kept"
+        line += (
+            f" {kept} {done.kept_pending} outbox message(s) not yet sent: follow-ups still "
+            "owed; erase again once they are delivered, or use --include-pending."
+        )
+    return line
 
 
 def _aliases(requested: list[str] | None) -> list[str]:

@@ -19,8 +19,9 @@ from django_idempotency.stores.database import DatabaseStore
 
 class Command(BaseCommand):
     help = (
-        "Re-encrypt stored responses with the newest key of IDEMPOTENCY_ENCRYPTION_KEYS "
-        "(and encrypt those stored in clear), in batches. Run it after adding a key, "
+        "Re-encrypt stored responses, step results and outbox payloads with the newest "
+        "key of IDEMPOTENCY_ENCRYPTION_KEYS (and encrypt those stored in clear, or sealed "
+        "in the older Fernet format), in batches. Run it after adding a key, "
         "before removing the old one."
     )
 
@@ -61,12 +62,12 @@ class Command(BaseCommand):
                 raise CommandError(str(exc)) from exc
             verb = "would re-encrypt" if options["dry_run"] else "re-encrypted"
             self.stdout.write(
-                f"Store {alias!r}: {done.examined} stored response(s) examined, "
+                f"Store {alias!r}: {done.examined} stored value(s) examined, "
                 f"{verb} {done.resealed}, {done.unreadable} unreadable."
             )
             failed = failed or bool(done.unreadable)
         if failed:
             raise CommandError(
-                "Some stored responses cannot be decrypted with any configured key "
+                "Some stored values cannot be decrypted with any configured key "
                 "(see the log): they are left as they are and refused at replay."
             )
