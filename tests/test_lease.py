@@ -20,6 +20,7 @@ import pytest
 from django.contrib.auth.models import AnonymousUser
 from django.core.checks import Error
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, connections
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
 from django.test import Client, RequestFactory
@@ -474,12 +475,6 @@ def test_duplicates_racing_a_held_first_request_get_409(
 
 @pytest.mark.concurrency
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.skipif(
-    bool(os.environ.get("PREPARE_THRESHOLD")),
-    reason="open defect: with prepared statements, after the rest of the suite, waiting "
-    "duplicates of this burst were twice refused with 409 at their first claim; not "
-    "reproduced alone",
-)
 def test_an_unheld_burst_of_duplicates_executes_once(
     lease_store: str, settings: Any, hooks: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -503,7 +498,15 @@ def test_an_unheld_burst_of_duplicates_executes_once(
     # A duplicate found the key in flight and polled. If not, the requests'
     # mode, outcome and seconds to their claim tell why: atomic or a long
     # lock wait (seconds near the wait), or a wait that was not applied (none).
-    assert len(attempts) > 8, "; ".join(sorted(finished))
+    why = "; ".join(sorted(finished)) + (
+        f"; ATOMIC_REQUESTS={connections.settings[DEFAULT_DB_ALIAS].get('ATOMIC_REQUESTS')}"
+    )
+    if len(attempts) <= 8 and os.environ.get("PREPARE_THRESHOLD"):
+        # An open defect, seen only in CI's prepared-statements run after the
+        # rest of the suite: the waiting duplicates were refused at their
+        # first claim. Reported with its evidence, until it is understood.
+        pytest.xfail(f"open defect (prepared run): {len(attempts)} claims: {why}")
+    assert len(attempts) > 8, why
     assert Order.objects.count() == 1
     assert {response.status_code for response in responses} == {201}
     assert len({response.content for response in responses}) == 1
