@@ -30,6 +30,7 @@ from typing import Any, TypeVar, overload
 from django.core.checks import CheckMessage, Warning
 from django.core.exceptions import ImproperlyConfigured
 
+from django_idempotency import redaction
 from django_idempotency.exceptions import KeyMissing, RequestInProgress
 from django_idempotency.functions import function_call, protected_block
 from django_idempotency.policies import ProtocolOptions, Seconds
@@ -49,6 +50,8 @@ class TaskOptions:
     fingerprint: Callable[..., Any] | None
     options: ProtocolOptions
     retry: bool
+    #: The resolved ``redact`` hook: the result to what is stored.
+    redact: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ def idempotent_task(
     retention: Seconds | None = None,
     store: str | None = None,
     retry: bool = True,
+    redact: Callable[[Any], Any] | str | None = None,
 ) -> Callable[[Function], Function]: ...
 
 
@@ -97,6 +101,7 @@ def idempotent_task(
     retention: Seconds | None = None,
     store: str | None = None,
     retry: bool = True,
+    redact: Callable[[Any], Any] | str | None = None,
 ) -> Any:
     """Make a Celery or Django task run once per message (or per ``key``).
 
@@ -117,6 +122,10 @@ def idempotent_task(
     true, it raises Celery's ``Retry`` with a countdown of the time left on
     the first one's claim, so the duplicate comes back later and finds the
     stored result. Otherwise it raises ``RequestInProgress``.
+
+    ``redact``, called with the result, returns what is stored instead (or
+    its dotted path): the first delivery still returns the whole result, a
+    redelivery returns what was stored.
     """
     if key is not None and not callable(key):
         raise ImproperlyConfigured(
@@ -131,6 +140,7 @@ def idempotent_task(
             mode=mode, lease=lease, wait=wait, retention=retention, store=store
         ),
         retry=retry,
+        redact=redaction.resolve(redact),
     )
 
     def decorator(function: Function) -> Function:
@@ -154,7 +164,7 @@ def idempotent_task(
             delivery = current_delivery(wrapper, args, fallback_scope)
             call = _call(settings, delivery, kwargs)
             try:
-                with protected_block(call, settings.options) as block:
+                with protected_block(call, settings.options, settings.redact) as block:
                     if not block.replayed:
                         block.result = function(*args, **kwargs)
             except RequestInProgress as error:
