@@ -248,7 +248,7 @@ def _celery_delivery(function: Callable[..., Any], args: tuple[Any, ...]) -> Del
         return None
     from celery import current_task
 
-    task = current_task._get_current_object() if current_task else None
+    task = current_task._get_current_object()  # None outside a task
     run = getattr(task, "run", None)
     # Another task calling this one's function as a plain function is no delivery of it.
     if task is None or getattr(run, "__func__", run) is not function:
