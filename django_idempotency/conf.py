@@ -62,14 +62,17 @@ class Settings:
         # that were just replaced keeps its value out of the new pair.
         self._kept: tuple[object, dict[str, Any]] = (empty, {})
 
-    def _read(self, name: str, default: Any) -> Any:
+    def _current(self) -> tuple[object, dict[str, Any]]:
         # override_settings (and pytest-django's ``settings``, which deletes
         # without a signal) put new settings in place: kept values go with it.
         source = cast(Any, settings)._wrapped
-        kept_from, values = self._kept
-        if kept_from is not source:
-            values = {}
-            self._kept = (source, values)
+        kept = self._kept
+        if kept[0] is not source:
+            kept = self._kept = (source, {})
+        return kept
+
+    def _read(self, name: str, default: Any) -> Any:
+        source, values = self._current()
         try:
             return values[name]
         except KeyError:
@@ -77,6 +80,16 @@ class Settings:
             if source is not empty:  # not configured yet: never keep
                 values[name] = value
             return value
+
+    def generation(self) -> object | None:
+        """What stays the same object for as long as the settings do.
+
+        Code that derives something from settings (a view's policy) keeps it
+        against this and derives it again when it changes; ``None`` while
+        the settings are not configured, when nothing may be kept.
+        """
+        kept = self._current()
+        return None if kept[0] is empty else kept
 
     def forget(self) -> None:
         """Read every setting afresh from now on."""
@@ -175,7 +188,7 @@ class Settings:
 
     @property
     def ENCRYPTION_KEYS(self) -> Any:
-        """Keys (Fernet's format), newest first, that stored values are encrypted with."""
+        """Keys (Fernet's format), newest first, that stored values are encrypted with; empty: none."""
         return self._read("IDEMPOTENCY_ENCRYPTION_KEYS", None) or ()
 
     @property

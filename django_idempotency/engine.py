@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -304,7 +305,7 @@ def _decide_mode(store: Store, policy: Policy, *, asynchronous: bool) -> Policy:
         refusal = async_mode_refusal(policy.mode)
         if refusal is not None:
             raise ImproperlyConfigured(f'mode="atomic" cannot protect async code: {refusal}')
-        return replace(policy, mode=LEASE)
+        return _with_mode(policy, LEASE)
     mode = policy.mode or app_settings.MODE
     if mode is None:
         mode = ATOMIC if store.supports_atomic else LEASE
@@ -312,7 +313,14 @@ def _decide_mode(store: Store, policy: Policy, *, asynchronous: bool) -> Policy:
         raise ImproperlyConfigured(
             f'The idempotency store {store.alias!r} supports only mode="lease".'
         )
-    return replace(policy, mode=mode)
+    return _with_mode(policy, mode)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_mode(policy: Policy, mode: str) -> Policy:
+    # Policies are few and immutable (one per protected view or task and
+    # settings); replace() would rebuild the same one on every call.
+    return policy if policy.mode == mode else replace(policy, mode=mode)
 
 
 # The steps both twins share (none of them awaits) ---------------------------------

@@ -69,10 +69,8 @@ def idempotent_block(
         return block.result
     """
     options = ProtocolOptions(mode=mode, lease=lease, wait=wait, retention=retention, store=store)
-    call = Call(
-        scope=fit_scope(scope), key=_function_key(key), fingerprint=_payload_fingerprint(payload)
-    )
-    return _protected_block(call, options, redaction.resolve(redact))
+    call = function_call(key, scope=scope, payload=payload)
+    return protected_block(call, options, redaction.resolve(redact))
 
 
 def idempotent_function(
@@ -127,16 +125,13 @@ def idempotent_function(
                 call_scope = f"function:{name}"
             else:
                 call_scope = scope(*args, **kwargs) if callable(scope) else scope
-            return Call(
-                scope=fit_scope(str(call_scope)),
-                key=_function_key(key(*args, **kwargs)),
-                fingerprint=_payload_fingerprint(payload),
-                path=name,
+            return function_call(
+                key(*args, **kwargs), scope=str(call_scope), payload=payload, path=name
             )
 
         @wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with _protected_block(call_of(args, kwargs), options, redact_result) as block:
+            with protected_block(call_of(args, kwargs), options, redact_result) as block:
                 if not block.replayed:
                     block.result = func(*args, **kwargs)
             return block.result
@@ -146,10 +141,25 @@ def idempotent_function(
     return decorator
 
 
+def function_call(key: str | int, *, scope: str, payload: Any, path: str = "") -> Call:
+    """The engine's call for ``key`` in ``scope``, fingerprinted by ``payload`` (as JSON)."""
+    return Call(
+        scope=fit_scope(scope),
+        key=_function_key(key),
+        fingerprint=_payload_fingerprint(payload),
+        path=path,
+    )
+
+
 @contextlib.contextmanager
-def _protected_block(
+def protected_block(
     call: Call, options: ProtocolOptions, redact: Callable[[Any], Any] | None = None
 ) -> Iterator[Block]:
+    """The :class:`Block` of ``call``, for adapters that make ``options`` once.
+
+    :func:`idempotent_block` and the function and task decorators run their
+    code in one; ``redact`` is a resolved hook (:func:`redaction.resolve`).
+    """
     with engine.protected(call, options.policy()) as guard:
         if guard.replay is not None:
             yield Block(replayed=True, result=json.loads(guard.replay.body))
@@ -157,10 +167,10 @@ def _protected_block(
         block = Block(replayed=False)
         yield block
         # Raising here (a result that is not JSON) frees the key like any error.
-        body = _result_body(block.result)
-        stored = body if redact is None else _result_body(redact(json.loads(body)))
-        guard.conclusion = Snapshot(status=200, headers=_RESULT_HEADERS, body=stored)
-        block.result = json.loads(body)
+        text = _result_json(block.result)
+        kept = text if redact is None else _result_json(redact(json.loads(text)))
+        guard.conclusion = Snapshot(status=200, headers=_RESULT_HEADERS, body=kept.encode())
+        block.result = json.loads(text)
 
 
 def _function_key(key: str | int) -> str:
@@ -173,16 +183,15 @@ def _function_key(key: str | int) -> str:
     return fit_scope(key)
 
 
+# Made once: json.dumps() with options builds an encoder on every call.
+_CANONICAL = DjangoJSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def _payload_fingerprint(payload: Any) -> str:
     """SHA-256 of the payload as canonical JSON (sorted keys, no white space)."""
     try:
-        canonical = json.dumps(
-            payload,
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            cls=DjangoJSONEncoder,
-        )
+        canonical = _CANONICAL.encode(payload)
     except TypeError as exc:
         raise TypeError(
             f"Cannot fingerprint the arguments as JSON ({exc}); pass fingerprint= "
@@ -191,9 +200,9 @@ def _payload_fingerprint(payload: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _result_body(result: Any) -> bytes:
+def _result_json(result: Any) -> str:
     try:
-        return json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode()
+        return _COMPACT.encode(result)
     except TypeError as exc:
         raise TypeError(
             f"The result of an idempotent function must be JSON-serialisable: {exc}"

@@ -39,8 +39,23 @@ class ProtocolOptions:
             raise ImproperlyConfigured(" ".join(problems))
 
     def policy(self) -> Policy:
-        """The engine's policy, the settings read now (``override_settings`` applies)."""
+        """The engine's policy, with the settings in force now (``override_settings`` applies).
 
+        Made once and kept until the settings change: a task or view
+        protected thousands of times a second asks for it on every call.
+        """
+        generation = app_settings.generation()
+        kept = self.__dict__.get("_kept_policy")
+        if kept is not None and generation is not None and kept[0] is generation:
+            policy: Policy = kept[1]
+            return policy
+        policy = self._make_policy()
+        if generation is not None:
+            # Not a field: the options stay frozen and compare by what they were given.
+            object.__setattr__(self, "_kept_policy", (generation, policy))
+        return policy
+
+    def _make_policy(self) -> Policy:
         def seconds(value: Seconds | None, default: Seconds) -> float:
             return to_seconds(default if value is None else value)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar, overload
@@ -31,9 +30,11 @@ from typing import Any, TypeVar, overload
 from django.core.checks import CheckMessage, Warning
 from django.core.exceptions import ImproperlyConfigured
 
+from django_idempotency import redaction
 from django_idempotency.exceptions import KeyMissing, RequestInProgress
-from django_idempotency.functions import Block, idempotent_block
+from django_idempotency.functions import function_call, protected_block
 from django_idempotency.policies import ProtocolOptions, Seconds
+from django_idempotency.protocol import Call
 
 Function = TypeVar("Function", bound=Callable[..., Any])
 #: The attribute ``@idempotent_task`` leaves on the functions it wraps.
@@ -49,6 +50,8 @@ class TaskOptions:
     fingerprint: Callable[..., Any] | None
     options: ProtocolOptions
     retry: bool
+    #: The resolved ``redact`` hook: the result to what is stored.
+    redact: Callable[[Any], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ def idempotent_task(
     retention: Seconds | None = None,
     store: str | None = None,
     retry: bool = True,
+    redact: Callable[[Any], Any] | str | None = None,
 ) -> Callable[[Function], Function]: ...
 
 
@@ -97,6 +101,7 @@ def idempotent_task(
     retention: Seconds | None = None,
     store: str | None = None,
     retry: bool = True,
+    redact: Callable[[Any], Any] | str | None = None,
 ) -> Any:
     """Make a Celery or Django task run once per message (or per ``key``).
 
@@ -117,6 +122,10 @@ def idempotent_task(
     true, it raises Celery's ``Retry`` with a countdown of the time left on
     the first one's claim, so the duplicate comes back later and finds the
     stored result. Otherwise it raises ``RequestInProgress``.
+
+    ``redact``, called with the result, returns what is stored instead (or
+    its dotted path): the first delivery still returns the whole result, a
+    redelivery returns what was stored.
     """
     if key is not None and not callable(key):
         raise ImproperlyConfigured(
@@ -131,6 +140,7 @@ def idempotent_task(
             mode=mode, lease=lease, wait=wait, retention=retention, store=store
         ),
         retry=retry,
+        redact=redaction.resolve(redact),
     )
 
     def decorator(function: Function) -> Function:
@@ -146,11 +156,15 @@ def idempotent_task(
                 f"idempotent_task does not support the coroutine function {function.__name__}."
             )
 
+        # Known when decorating: the scope of a call that no task system runs.
+        fallback_scope = f"task:{function.__module__}.{function.__qualname__}"
+
         @wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            delivery = current_delivery(wrapper, args)
+            delivery = current_delivery(wrapper, args, fallback_scope)
+            call = _call(settings, delivery, kwargs)
             try:
-                with _block(settings, delivery, kwargs) as block:
+                with protected_block(call, settings.options, settings.redact) as block:
                     if not block.replayed:
                         block.result = function(*args, **kwargs)
             except RequestInProgress as error:
@@ -165,9 +179,7 @@ def idempotent_task(
     return decorator(func) if func is not None else decorator
 
 
-def _block(
-    settings: TaskOptions, delivery: Delivery, kwargs: dict[str, Any]
-) -> AbstractContextManager[Block]:
+def _call(settings: TaskOptions, delivery: Delivery, kwargs: dict[str, Any]) -> Call:
     args = delivery.args
     if settings.key is not None:
         key = settings.key(*args, **kwargs)
@@ -186,17 +198,7 @@ def _block(
         payload = settings.fingerprint(*args, **kwargs)
     else:
         payload = {"args": list(args), "kwargs": kwargs}
-    options = settings.options
-    return idempotent_block(
-        key,
-        scope=str(scope),
-        payload=payload,
-        mode=options.mode,
-        lease=options.lease,
-        wait=options.wait,
-        retention=options.retention,
-        store=options.store,
-    )
+    return function_call(key, scope=str(scope), payload=payload)
 
 
 def task_options(task_function: Any) -> TaskOptions | None:
@@ -210,9 +212,16 @@ def task_options(task_function: Any) -> TaskOptions | None:
     return None
 
 
-def current_delivery(function: Callable[..., Any], args: tuple[Any, ...]) -> Delivery:
-    """What the running task system says about this call of ``function``."""
-    fallback = f"task:{function.__module__}.{function.__qualname__}"
+def current_delivery(
+    function: Callable[..., Any], args: tuple[Any, ...], fallback: str | None = None
+) -> Delivery:
+    """What the running task system says about this call of ``function``.
+
+    ``fallback`` is the scope where no task system names the task (by default
+    ``"task:" + the function's dotted name``).
+    """
+    if fallback is None:
+        fallback = f"task:{function.__module__}.{function.__qualname__}"
     return (
         _django_task_delivery(args, fallback)
         or _celery_delivery(function, args)
@@ -239,7 +248,7 @@ def _celery_delivery(function: Callable[..., Any], args: tuple[Any, ...]) -> Del
         return None
     from celery import current_task
 
-    task = current_task._get_current_object() if current_task else None
+    task = current_task._get_current_object()  # None outside a task
     run = getattr(task, "run", None)
     # Another task calling this one's function as a plain function is no delivery of it.
     if task is None or getattr(run, "__func__", run) is not function:

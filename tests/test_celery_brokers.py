@@ -144,6 +144,34 @@ def test_killed_after_commit_before_ack_the_redelivery_replays(cluster: Cluster)
     assert_drained(cluster)
 
 
+def test_the_redelivery_after_a_crash_returns_the_redacted_stored_result(
+    cluster: Cluster,
+) -> None:
+    cluster.start(1)
+    event = {"id": new_id(), "crash": "after_commit", "email": "ann@example.com"}
+    cluster.publish("brokered.book_redacted", event)
+
+    cluster.wait_until(lambda: cluster.succeeded() == 2, "the redelivery to succeed")
+
+    assert cluster.crashed(event["id"])
+    assert cluster.effects(event["id"]) == 1
+    assert cluster.replayed() == 1
+    order = cluster.database.value("SELECT id FROM testapp_order WHERE item = %s", [event["id"]])
+    # Celery logs what each delivery returned: the killed one its whole result,
+    # the redelivery the stored one, which the hook cut down.
+    returned = re.findall(r"\] succeeded in [\d.]+s: (.*)", cluster.logs())
+    assert returned == [
+        repr({"event": event["id"], "order": order, "email": "ann@example.com"}),
+        repr({"order": order}),
+    ]
+    stored = cluster.database.value(
+        "SELECT response_body FROM django_idempotency_idempotencykey WHERE key = %s",
+        [event["id"]],
+    )
+    assert json.loads(bytes(stored)) == {"order": order}
+    assert_drained(cluster)
+
+
 def test_one_message_delivered_twice_at_once_the_duplicate_waits(cluster: Cluster) -> None:
     cluster.start(2)
     event = {"id": new_id(), "hold": True}

@@ -16,7 +16,7 @@ import pytest
 import time_machine
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpResponse
-from django.test import Client
+from django.test import Client, override_settings
 from django.utils import timezone
 
 from django_idempotency.decorators import Options, idempotent, idempotent_function
@@ -579,6 +579,22 @@ def test_options_fall_back_to_the_settings_at_call_time(settings: Any) -> None:
         row = IdempotencyKey.objects.get(key="fallback")
         guard.conclusion = Snapshot(201)
     assert row.locked_until is not None  # a lease: committed before the block ran
+
+
+def test_a_policy_is_made_once_and_made_again_when_the_settings_change() -> None:
+    options = Options(lease=5)
+    policy = options.policy()
+
+    assert options.policy() is policy
+    with override_settings(IDEMPOTENCY_WAIT=3):
+        inside = options.policy()
+        assert (inside.wait, inside.lease) == (3.0, 5.0)
+        assert options.policy() is inside
+        with override_settings(IDEMPOTENCY_WAIT=4):
+            assert options.policy().wait == 4.0
+        assert options.policy().wait == 3.0
+    assert options.policy().wait == policy.wait == 0.0
+    assert options == Options(lease=5)  # what it keeps is no part of what it compares
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])

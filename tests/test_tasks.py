@@ -6,6 +6,7 @@ test_django_tasks_worker.py.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -142,6 +143,42 @@ def test_another_task_calling_the_function_directly_is_not_a_delivery_of_it() ->
         caller.apply(task_id="outer").get()
 
 
+def stored_body() -> bytes:
+    return bytes(IdempotencyKey.objects.get().response_body)
+
+
+def test_the_redact_hook_decides_what_a_redelivery_returns(runs: dict[str, int]) -> None:
+    first = tasks.redacted.apply(args=["coffee", "ann@example.com"], task_id="task-1").get()
+    again = tasks.redacted.apply(args=["coffee", "ann@example.com"], task_id="task-1").get()
+
+    order = Order.objects.get().pk
+    # The first delivery returns the whole result; what is stored, and every
+    # redelivery returns, is what the hook kept.
+    assert first == {"order": order, "email": "ann@example.com"}
+    assert again == {"order": order}
+    assert b"ann@example.com" not in stored_body()
+    assert runs == {"executed": 1, "replayed": 1}
+
+
+def test_a_redact_hook_that_fails_frees_the_key_so_a_retry_runs() -> None:
+    @tasks.celery_app.task(name="testapp.badly_redacted", shared=False)
+    @idempotent_task(redact=lambda result: result["missing"])
+    def badly_redacted(item: str) -> dict[str, Any]:
+        return tasks.book(item)
+
+    with pytest.raises(KeyError):
+        badly_redacted.apply(args=["coffee"], task_id="task-1").get()
+    # Rolled back with the claim (atomic mode): no booking, no key.
+    assert items() == []
+    assert not IdempotencyKey.objects.exists()
+
+
+@pytest.mark.parametrize("redact", [42, "no.such.hook", "django_idempotency.conf.DEFAULT_STORES"])
+def test_a_redact_hook_that_is_not_a_callable_is_refused_when_decorating(redact: Any) -> None:
+    with pytest.raises(ImproperlyConfigured, match="redact"):
+        idempotent_task(redact=redact)
+
+
 def test_misuse_is_refused_when_decorating() -> None:
     with pytest.raises(ImproperlyConfigured, match="must be a callable"):
         idempotent_task(key="id")  # type: ignore[arg-type]
@@ -177,7 +214,7 @@ def testapp_is_current() -> Iterator[Celery]:
 def test_tasks_a_worker_crash_would_lose_are_warned_about(testapp_is_current: Celery) -> None:
     messages = {
         (message.id, message.obj)
-        for message in run_checks()
+        for message in run_checks(databases=["default"])
         if message.id in {"django_idempotency.W005", "django_idempotency.W006"}
     }
 
@@ -194,7 +231,7 @@ def test_the_task_checks_are_quiet_without_idempotent_tasks() -> None:
     previous = current_app._get_current_object()
     app.set_current()
     try:
-        ids = {message.id for message in run_checks()}
+        ids = {message.id for message in run_checks(databases=["default"])}
     finally:
         previous.set_current()
 
@@ -268,3 +305,11 @@ def test_a_django_task_without_context_or_key_is_refused() -> None:
     assert result.status == "FAILED"
     assert result.errors[0].exception_class is KeyMissing
     assert items() == []
+
+
+def test_a_django_task_stores_what_its_redact_hook_keeps() -> None:
+    result = tasks.django_redacted.enqueue("coffee", "ann@example.com")
+
+    assert result.return_value == {"order": Order.objects.get().pk, "email": "ann@example.com"}
+    assert b"ann@example.com" not in stored_body()
+    assert json.loads(stored_body()) == {"order": Order.objects.get().pk}

@@ -48,6 +48,17 @@ def bound(self: Task, item: str) -> dict[str, Any]:  # type: ignore[type-arg]
     return {**book(item), "task": self.name}
 
 
+def order_only(result: dict[str, Any]) -> dict[str, Any]:
+    """The ``redact`` hook of the redacted tasks: keep the order, drop the customer."""
+    return {"order": result["order"]}
+
+
+@celery_app.task(name="testapp.redacted", shared=False)
+@idempotent_task(redact=order_only)
+def redacted(item: str, email: str) -> dict[str, Any]:
+    return {**book(item), "email": email}
+
+
 @celery_app.task(name="testapp.acks_early", shared=False, acks_late=False)
 @idempotent_task
 def acks_early(item: str) -> dict[str, Any]:
@@ -81,3 +92,9 @@ def django_by_event(event: dict[str, Any]) -> dict[str, Any]:
 @idempotent_task
 def django_without_key(item: str) -> dict[str, Any]:
     return book(item)
+
+
+@task(takes_context=True)
+@idempotent_task(redact="tests.testapp.tasks.order_only")
+def django_redacted(context: Any, item: str, email: str) -> dict[str, Any]:
+    return {**book(item), "email": email}
