@@ -188,7 +188,7 @@ class Settings:
 
     @property
     def ENCRYPTION_KEYS(self) -> Any:
-        """Keys (Fernet's format), newest first, that stored values are encrypted with; empty: none."""
+        """Keys (Fernet's format), newest first, that stored values are sealed with; empty: none."""
         return self._read("IDEMPOTENCY_ENCRYPTION_KEYS", None) or ()
 
     @property
