@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from django.db import connection
 from django.http import HttpRequest, HttpResponse
 from django.test import RequestFactory
 
-from benchmarks.wire import RoundTrips, round_trips
+from benchmarks.wire import RoundTrips
 from django_idempotency.decorators import idempotent
 from tests.testapp.models import Order
+from tests.wire_fixtures import trips_fixture  # noqa: F401
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -68,14 +69,6 @@ def post(view: Callable[[HttpRequest], HttpResponse], key: str | None) -> HttpRe
         "/orders/", b'{"item": "book"}', content_type="application/json", headers=headers
     )
     return view(request)
-
-
-@pytest.fixture
-def trips() -> Iterator[RoundTrips]:
-    with round_trips(connection) as counter:
-        assert counter is not None
-        connection.ensure_connection()  # connecting is not the request's
-        yield counter
 
 
 def counted(trips: RoundTrips, request: Callable[[], HttpResponse]) -> tuple[int, HttpResponse]:

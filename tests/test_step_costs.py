@@ -12,20 +12,21 @@ round trip to every step fails here, not only in the benchmark
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from benchmarks.wire import RoundTrips, round_trips
+from benchmarks.wire import RoundTrips
 from django_idempotency.decorators import idempotent_block
 from django_idempotency.models import IdempotencyStep, OutboxMessage
 from django_idempotency.outbox import enqueue
 from django_idempotency.workflow import step
 from tests.test_store_statements import data_statements
 from tests.testapp.models import Order
+from tests.wire_fixtures import trips_fixture  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -98,14 +99,6 @@ def resume(mode: str, measure: Callable[[Callable[[], None]], Any]) -> Any:
     with pytest.raises(Failed):
         execute(mode, then_fail, key)
     return measure(lambda: execute(mode, lambda: step("a", write), key))
-
-
-@pytest.fixture
-def trips() -> Iterator[RoundTrips]:
-    with round_trips(connection) as counter:
-        assert counter is not None
-        connection.ensure_connection()  # connecting is not the execution's
-        yield counter
 
 
 @servers_only
