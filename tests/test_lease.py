@@ -544,14 +544,6 @@ def test_an_unheld_burst_of_duplicates_executes_once(
         f"; advisory locks held after 2 s: {holders}"
     )
     assert Order.objects.count() == 1  # never more than one execution, whatever else
-    if len(attempts) <= 8 and connections[DEFAULT_DB_ALIAS].vendor == "postgresql":
-        # An open defect, seen only on PostgreSQL in CI's full runs: each
-        # waiting duplicate made one claim that waited its whole wait (on the
-        # key's advisory lock, it seems, held by the first request's
-        # connection while its view ran: lease mode, no ATOMIC_REQUESTS).
-        # Reported with its evidence until it is understood; the execution
-        # count above holds either way.
-        pytest.xfail(f"open defect: {len(attempts)} claims: {why}")
     assert len(attempts) > 8, why
     assert Order.objects.count() == 1
     assert {response.status_code for response in responses} == {201}

@@ -22,7 +22,7 @@ import hashlib
 from collections.abc import Iterator
 from typing import Any
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.utils import CursorWrapper
 
@@ -167,19 +167,64 @@ def _idle() -> Any:
     return TransactionStatus.IDLE
 
 
+#: Waits for the key's advisory lock and lets it go in the same statement (the
+#: subquery, kept apart by OFFSET 0, runs first): a waiter holds nothing once
+#: the statement returns, whatever its thread does next, and in whatever
+#: transaction it runs. Session-level, so the caller's transaction is not
+#: what releases it.
+_WAIT_SQL = (
+    "SELECT pg_advisory_unlock(CAST(%s AS bigint)) "
+    "FROM (SELECT pg_advisory_lock(CAST(%s AS bigint)) OFFSET 0) AS waited"
+)
+
+
 def wait_for(connection: BaseDatabaseWrapper, call: Call, seconds: float, retry_after: int) -> None:
     """Wait up to ``seconds`` until the transaction claiming ``call``'s key ends.
 
     Raises :class:`RequestInProgress` at once when ``seconds`` is 0; on timeout,
     PostgreSQL's lock_timeout error propagates (the store turns it into 409).
+    The wait takes the key's lock only for as long as its one statement runs:
+    the waiters queued behind it, and the claim that follows, never wait on a
+    waiter.
     """
     if seconds <= 0:
         raise RequestInProgress(retry_after=retry_after)
-    # SET LOCAL and the lock need a transaction: the caller's, or one of their own.
-    with transaction.atomic(using=connection.alias, savepoint=False), connection.cursor() as cursor:
+    lock = lock_id(call)
+    # SET LOCAL needs a transaction: one of its own, or a savepoint in the
+    # caller's, which a failed wait rolls back to (the caller's goes on).
+    with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
         cursor.execute("SET LOCAL lock_timeout = %s", [f"{max(1, int(seconds * 1000))}ms"])
-        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id(call)])
+        try:
+            with transaction.atomic(using=connection.alias):
+                cursor.execute(_WAIT_SQL, [lock, lock])
+        except DatabaseError as exc:
+            if not _lock_not_granted(exc):
+                # Cancelled, maybe between the lock and its release: a
+                # session-level lock outlives the statement. Released in
+                # this transaction, so on this server session even behind a
+                # pooler (a connection that failed took the lock with it).
+                _release_quietly(connection, lock)
+            raise
         cursor.execute("SET LOCAL lock_timeout TO DEFAULT")
+
+
+def _lock_not_granted(exc: DatabaseError) -> bool:
+    return getattr(exc.__cause__, "sqlstate", None) == "55P03"  # lock_not_available
+
+
+def _release_quietly(connection: BaseDatabaseWrapper, lock: int) -> None:
+    """Release the session's hold on ``lock`` if it has one; never raises."""
+    # Quiet when the connection failed: its session, lock included, is gone.
+    with contextlib.suppress(DatabaseError), connection.cursor() as cursor:
+        # Only if held (pg_advisory_unlock warns otherwise). A bigint lock
+        # shows as its high half in classid and its low half in objid.
+        cursor.execute(
+            "SELECT pg_advisory_unlock(CAST(%s AS bigint)) FROM pg_locks "
+            "WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
+            "AND objsubid = 1 AND classid::bigint = (CAST(%s AS bigint) >> 32) & 4294967295 "
+            "AND objid::bigint = CAST(%s AS bigint) & 4294967295",
+            [lock, lock, lock],
+        )
 
 
 def _claim_sql(connection: BaseDatabaseWrapper, *, with_row: bool) -> str:
