@@ -6,9 +6,16 @@ One worker (prefork pool of ``--concurrency`` processes) of the broker tests'
 app (tests/brokered/app.py) on PostgreSQL, against RabbitMQ and Redis (those
 that answer, or ``--broker``). Each task books one order row; the idempotent
 one (``@idempotent_task(key=event id)``, atomic mode) also claims and
-completes its key in the same transaction; a third variant is the
-unprotected task inside ``transaction.atomic()``, the transaction atomic mode
-needs, for comparison. Per round, every variant gets
+completes its key in the same transaction; the unprotected task inside
+``transaction.atomic()``, the transaction atomic mode needs, is there for
+comparison, and so is the task in lease mode on the Redis store (the key in
+Redis, the row inserted in autocommit).
+
+Two ways of running the worker's database connections (``--connections``):
+Celery's default, where its Django fix-up closes the connections before and
+after every task whatever ``CONN_MAX_AGE`` says (each task connects anew), and
+connections kept (``CELERY_DB_REUSE_MAX`` set, and ``CONN_MAX_AGE``). Per
+round, every variant gets
 ``--messages`` messages with distinct event ids, published at once; a
 variant's time runs from its first publish until its last row is in the
 database. Variants rotate their order from round to round; the medians
@@ -19,6 +26,7 @@ A database beside the URL's is created for the run and dropped at its end.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -43,6 +51,16 @@ VARIANTS = {
     "unprotected": "brokered.book_unprotected",
     "unprotected, in a transaction": "brokered.book_unprotected_atomic",
     "idempotent": "brokered.book",
+    "idempotent, lease mode, Redis store": "brokered.book_lease_redis",
+}
+#: The worker's environment for each way of running its database connections.
+CONNECTIONS = {
+    "per-task": {"BROKER_TEST_CONN_MAX_AGE": "600"},
+    "kept": {"BROKER_TEST_CONN_MAX_AGE": "600", "BROKER_TEST_DB_REUSE_MAX": "1000000"},
+}
+CONNECTIONS_TITLE = {
+    "per-task": "a new connection per task (Celery's default)",
+    "kept": "connections kept (CELERY_DB_REUSE_MAX)",
 }
 
 
@@ -55,7 +73,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=500, help="per variant and round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=2, help="the worker's pool size")
+    parser.add_argument(
+        "--connections", choices=[*CONNECTIONS, "both"], default="both", help="see above"
+    )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="also report CPU ms per message by process (Linux; processes that exit are missed)",
+    )
     return parser.parse_args(argv)
+
+
+#: Process groups whose CPU time ``--cpu`` reports, by what their command line holds.
+CPU_GROUPS = (
+    ("celery", "the worker"),
+    ("postgres", "PostgreSQL"),
+    ("beam", "RabbitMQ"),
+    ("redis-server", "Redis"),
+)
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU time (user + system) of the running processes by group, from /proc (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"{entry.path}/stat") as stat, open(f"{entry.path}/cmdline", "rb") as cmd:
+                fields = stat.read().rpartition(")")[2].split()
+                command = cmd.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if int(entry.name) == os.getpid():
+            group = "this benchmark"
+        else:
+            group = next((name for marker, name in CPU_GROUPS if marker in command), "other")
+        # utime and stime: fields 14 and 15 of /proc/PID/stat, 12 and 13 after the name.
+        totals[group] = totals.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return totals
 
 
 def measure(cluster: Cluster, task: str, messages: int) -> float:
@@ -76,7 +133,9 @@ def measure(cluster: Cluster, task: str, messages: int) -> float:
     return messages / (time.perf_counter() - started)
 
 
-def run_broker(kind: str, url: str, database_url: str, args: argparse.Namespace) -> list[str]:
+def run_broker(
+    kind: str, url: str, database_url: str, connections: str, args: argparse.Namespace
+) -> list[str]:
     broker = Broker(kind, url)
     with tempfile.TemporaryDirectory() as gates:
         database = harness.Database(database_url)
@@ -85,45 +144,81 @@ def run_broker(kind: str, url: str, database_url: str, args: argparse.Namespace)
             database_url,
             database,
             Path(gates),
-            # Persistent database connections, as a production worker keeps them.
-            extra_environ={"BROKER_TEST_CONN_MAX_AGE": "600"},
+            extra_environ=CONNECTIONS[connections],
         )
         try:
             cluster.start(1, concurrency=args.concurrency)
             for task in VARIANTS.values():  # warm up: connections, imports
                 measure(cluster, task, min(50, args.messages))
             rates: dict[str, list[float]] = {name: [] for name in VARIANTS}
+            cpu: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
             for round_number in range(args.rounds):
                 order = list(VARIANTS.items())
                 shift = round_number % len(order)
                 order = order[shift:] + order[:shift]
                 for name, task in order:
+                    before = cpu_seconds() if args.cpu else {}
                     rates[name].append(measure(cluster, task, args.messages))
+                    if args.cpu:
+                        after = cpu_seconds()
+                        cpu[name].append(
+                            {
+                                group: (after[group] - before.get(group, 0.0))
+                                / args.messages
+                                * 1000
+                                for group in after
+                            }
+                        )
         finally:
             cluster.stop()
             broker.remove()
             database.close()
     plain = statistics.median(rates["unprotected"])
     in_transaction = statistics.median(rates["unprotected, in a transaction"])
-    protected = statistics.median(rates["idempotent"])
-    return [
-        f"| {kind} | {plain:,.0f} | {in_transaction:,.0f} | {protected:,.0f} |"
-        f" **{protected / plain:.2f}** | {protected / in_transaction:.2f} |"
-        f" {', '.join(f'{rate:,.0f}' for rate in rates['idempotent'])} |"
-    ]
+    lines = []
+    for name in VARIANTS:
+        rate = statistics.median(rates[name])
+        lines.append(
+            f"| {kind} | {connections} | {name} | {rate:,.0f} | **{rate / plain:.2f}** |"
+            f" {rate / in_transaction:.2f} | {', '.join(f'{r:,.0f}' for r in rates[name])} |"
+        )
+    if args.cpu:
+        CPU_LINES.extend(cpu_lines(kind, connections, cpu))
+    return lines
+
+
+#: The ``--cpu`` table's rows, printed after the rates.
+CPU_LINES: list[str] = []
+CPU_COLUMNS = [name for _, name in CPU_GROUPS] + ["this benchmark", "other"]
+
+
+def cpu_lines(kind: str, connections: str, cpu: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Median CPU ms per message of each process group, per variant."""
+    lines = []
+    for name, rounds in cpu.items():
+        medians = {
+            group: statistics.median(round_.get(group, 0.0) for round_ in rounds)
+            for group in CPU_COLUMNS
+        }
+        cells = " | ".join(f"{medians[group]:.2f}" for group in CPU_COLUMNS)
+        total = sum(medians.values())
+        lines.append(f"| {kind} | {connections} | {name} | {cells} | {total:.2f} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     urls = {"rabbitmq": args.rabbitmq_url, "redis": args.redis_url}
     kinds = args.broker or list(urls)
+    regimes = list(CONNECTIONS) if args.connections == "both" else [args.connections]
     lines = [
         f"{args.messages} messages per variant and round, {args.rounds} rounds, one worker "
-        f"(prefork, {args.concurrency} processes), PostgreSQL",
+        f"(prefork, {args.concurrency} processes), PostgreSQL; connections: "
+        + "; ".join(f"{regime}, {CONNECTIONS_TITLE[regime]}" for regime in regimes),
         "",
-        "| broker | unprotected msg/s | unprotected in a transaction msg/s | idempotent msg/s |"
-        " ratio to unprotected | ratio to in a transaction | idempotent, each round |",
-        "|---|--:|--:|--:|--:|--:|---|",
+        "| broker | connections | task | msg/s | ratio to unprotected |"
+        " ratio to unprotected in a transaction | each round |",
+        "|---|---|---|--:|--:|--:|---|",
     ]
     with harness.scratch_database(args.database_url) as database_url:
         migrate(database_url)
@@ -132,7 +227,17 @@ def main(argv: list[str] | None = None) -> None:
             if reason is not None:
                 print(f"skipping {kind}: {reason}", file=sys.stderr)
                 continue
-            lines += run_broker(kind, urls[kind], database_url, args)
+            for regime in regimes:
+                lines += run_broker(kind, urls[kind], database_url, regime, args)
+    if CPU_LINES:
+        lines += [
+            "",
+            "CPU ms per message, medians of the rounds (the worker: its main process and pool)",
+            "",
+            "| broker | connections | task | " + " | ".join(CPU_COLUMNS) + " | all |",
+            "|---|---|---|" + "--:|" * (len(CPU_COLUMNS) + 1),
+            *CPU_LINES,
+        ]
     print("\n".join(lines))
 
 

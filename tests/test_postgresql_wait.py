@@ -10,8 +10,7 @@ waiter, nor from the next claim.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 from django.db import DEFAULT_DB_ALIAS, OperationalError, connections, transaction
@@ -19,6 +18,7 @@ from django.db import DEFAULT_DB_ALIAS, OperationalError, connections, transacti
 from django_idempotency.protocol import Call
 from django_idempotency.stores import postgresql
 from tests.concurrency_helpers import PATIENCE, wait_for_lock_waiters
+from tests.lease_stores import Worker
 
 pytestmark = [pytest.mark.concurrency, pytest.mark.django_db(transaction=True)]
 
@@ -29,29 +29,6 @@ CALL = Call(scope="anonymous", key="wait-key", fingerprint="f")
 def _postgresql_only() -> None:
     if connections[DEFAULT_DB_ALIAS].vendor != "postgresql":
         pytest.skip("advisory locks: PostgreSQL only")
-
-
-class Thread(threading.Thread):
-    """Runs ``work`` on a connection of its own; keeps what it raised."""
-
-    def __init__(self, work: Callable[[], Any]) -> None:
-        super().__init__(daemon=True)
-        self._work = work
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._work()
-        except BaseException as error:  # kept for the test to assert on
-            self.error = error
-        finally:
-            connections.close_all()
-
-    def finish(self) -> None:
-        self.join(PATIENCE)
-        assert not self.is_alive(), "the thread is stuck"
-        if self.error is not None:
-            raise self.error
 
 
 def free(lock: int) -> bool:
@@ -75,12 +52,12 @@ def claimer_fixture() -> Iterator[threading.Event]:
             holding.set()
             assert done.wait(PATIENCE), "never released"
 
-    thread = Thread(claim)
+    thread = Worker(claim)
     thread.start()
     assert holding.wait(PATIENCE)
     yield done
     done.set()
-    thread.finish()
+    thread.outcome()
 
 
 def test_a_waiter_inside_a_transaction_holds_no_lock_once_its_wait_returns(
@@ -95,7 +72,7 @@ def test_a_waiter_inside_a_transaction_holds_no_lock_once_its_wait_returns(
             waited.set()
             assert stop_stalling.wait(PATIENCE)
 
-    waiter = Thread(wait_then_stall)
+    waiter = Worker(wait_then_stall)
     waiter.start()
     try:
         wait_for_lock_waiters(1)  # the waiter blocks on the claimer's lock
@@ -106,7 +83,7 @@ def test_a_waiter_inside_a_transaction_holds_no_lock_once_its_wait_returns(
         assert free(postgresql.lock_id(CALL))
     finally:
         stop_stalling.set()
-        waiter.finish()
+        waiter.outcome()
 
 
 def test_waiters_queued_on_one_claimer_all_return_when_it_ends(
@@ -120,7 +97,7 @@ def test_waiters_queued_on_one_claimer_all_return_when_it_ends(
             stalled.release()
             assert stop_stalling.wait(PATIENCE)
 
-    waiters = [Thread(wait_then_stall) for _ in range(3)]
+    waiters = [Worker(wait_then_stall) for _ in range(3)]
     for waiter in waiters:
         waiter.start()
     try:
@@ -132,7 +109,7 @@ def test_waiters_queued_on_one_claimer_all_return_when_it_ends(
     finally:
         stop_stalling.set()
         for waiter in waiters:
-            waiter.finish()
+            waiter.outcome()
 
 
 def test_a_wait_that_runs_out_leaves_the_callers_transaction_usable(
@@ -165,15 +142,15 @@ def test_a_lock_left_held_by_a_failed_wait_is_released(lock: int) -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_advisory_lock(%s)", [lock])
     other: list[bool] = []
-    checker = Thread(lambda: other.append(free(lock)))
+    checker = Worker(lambda: other.append(free(lock)))
     checker.start()
-    checker.finish()
+    checker.outcome()
     assert other == [False]
 
     postgresql._release_quietly(connection, lock)
     postgresql._release_quietly(connection, lock)  # not held: nothing, no warning
 
-    checker = Thread(lambda: other.append(free(lock)))
+    checker = Worker(lambda: other.append(free(lock)))
     checker.start()
-    checker.finish()
+    checker.outcome()
     assert other == [False, True]

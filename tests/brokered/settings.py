@@ -18,6 +18,12 @@ DATABASES["default"]["CONN_MAX_AGE"] = int(os.environ.get("BROKER_TEST_CONN_MAX_
 
 INSTALLED_APPS = [*INSTALLED_APPS, "django_tasks_db"]
 
+# The database store by default; the Redis store for the benchmark's lease-mode task.
+IDEMPOTENCY_STORES = {
+    "default": {"BACKEND": "django_idempotency.stores.database.DatabaseStore"},
+    "redis": {"BACKEND": "django_idempotency.stores.cache.CacheStore", "OPTIONS": {"CACHE": "redis"}},
+}
+
 # The outbox relay publishes to Celery (tests/brokered/relay.py).
 IDEMPOTENCY_OUTBOX_SENDER = "django_idempotency.celery.send_outbox_message"
 
