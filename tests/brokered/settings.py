@@ -21,7 +21,10 @@ INSTALLED_APPS = [*INSTALLED_APPS, "django_tasks_db"]
 # The database store by default; the Redis store for the benchmark's lease-mode task.
 IDEMPOTENCY_STORES = {
     "default": {"BACKEND": "django_idempotency.stores.database.DatabaseStore"},
-    "redis": {"BACKEND": "django_idempotency.stores.cache.CacheStore", "OPTIONS": {"CACHE": "redis"}},
+    "redis": {
+        "BACKEND": "django_idempotency.stores.cache.CacheStore",
+        "OPTIONS": {"CACHE": "redis"},
+    },
 }
 
 # The outbox relay publishes to Celery (tests/brokered/relay.py).
