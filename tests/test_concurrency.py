@@ -177,6 +177,32 @@ def test_duplicates_get_409_while_the_first_runs(
     assert_replay_of(later[0], first)
 
 
+@pytest.mark.usefixtures("short_sqlite_busy_timeout")
+def test_waiting_duplicates_whose_wait_runs_out_get_409(
+    sender: Any, gate: Gate, settings: Any, on_commit_calls: list[int]
+) -> None:
+    # They wait on the database for the held first execution (PostgreSQL's
+    # lock_timeout, InnoDB's lock wait or the named lock queued before it,
+    # SQLite's busy timeout), one second, and are told to retry: not a 500,
+    # and the first one is not disturbed.
+    settings.IDEMPOTENCY_WAIT = 1
+    duplicates = 4
+    crowd = Crowd(duplicates + 1, sender(RACED[0])).start()
+    assert gate.entered.wait(PATIENCE)
+    crowd.wait_for_answers(duplicates)
+    gate.released.set()
+    answers = crowd.answers()
+
+    assert_no_errors(answers)
+    [first] = executed(answers)
+    for duplicate in answers:
+        if duplicate is not first:
+            assert_in_progress(duplicate)
+    assert gate.executions == 1
+    assert_one_outcome_stored(first)
+    assert on_commit_calls == [first.json()["id"]]
+
+
 @pytest.mark.usefixtures("waiting")
 def test_waiting_duplicates_replay_the_first(
     raced: Endpoint, sender: Any, gate: Gate, on_commit_calls: list[int]

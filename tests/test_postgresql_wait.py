@@ -129,6 +129,28 @@ def test_a_wait_that_runs_out_leaves_the_callers_transaction_usable(
     assert not free(postgresql.lock_id(CALL))  # still the claimer's
 
 
+def test_a_wait_cancelled_by_the_statement_timeout_holds_nothing(
+    claimer: threading.Event,
+) -> None:
+    connection = connections[DEFAULT_DB_ALIAS]
+    lock = postgresql.lock_id(CALL)
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL statement_timeout = '50ms'")
+        with pytest.raises(OperationalError) as raised:
+            postgresql.wait_for(connection, CALL, PATIENCE, 1)
+        assert raised.value.__cause__.sqlstate == "57014"  # type: ignore[union-attr]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND pid = pg_backend_pid() AND objid::bigint = %s & 4294967295",
+                [lock],
+            )
+            (held,) = cursor.fetchone()
+    assert held == 0
+    assert not connection.needs_rollback
+
+
 def test_no_wait_answers_in_progress_at_once() -> None:
     from django_idempotency.exceptions import RequestInProgress
 

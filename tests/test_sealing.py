@@ -749,3 +749,24 @@ def test_the_check_samples_step_results_and_outbox_payloads(encrypted: None, set
     [error] = check_stored_snapshots(databases=["default"])
     assert error.id == "django_idempotency.E042"
     assert "2 of the 2 newest stored values sampled in database 'default'" in error.msg
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_command_reports_steps_and_payloads_no_key_decrypts(
+    encrypted: None, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [OLD]
+    with pytest.raises(RuntimeError):
+        pay("lost-key", fail_at="b")  # step "a" recorded, sealed under OLD
+    with transaction.atomic():
+        enqueue("receipts", {"n": 1})
+    settings.IDEMPOTENCY_ENCRYPTION_KEYS = [NEW]  # OLD retired too early
+    out = StringIO()
+    with (
+        caplog.at_level(logging.ERROR, logger="django_idempotency"),
+        pytest.raises(CommandError, match="cannot be decrypted"),
+    ):
+        call_command("reencrypt_idempotency_keys", stdout=out)
+    assert "re-encrypted 0, 2 unreadable" in out.getvalue()
+    assert "no configured key decrypts step" in caplog.text
+    assert "no configured key decrypts message" in caplog.text
