@@ -26,6 +26,7 @@ A database beside the URL's is created for the run and dropped at its end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import statistics
 import sys
@@ -206,6 +207,22 @@ def cpu_lines(kind: str, connections: str, cpu: dict[str, list[dict[str, float]]
     return lines
 
 
+def forget_redis_records() -> int:
+    """Delete the lease-mode variant's records from the Redis store's database.
+
+    They would otherwise stay for the retention (a day) in the database the
+    test suite's Redis store uses too (``REDIS_URL``, tests/settings.py).
+    """
+    import redis
+
+    scope = hashlib.sha256(b"task:" + VARIANTS["idempotent, lease mode, Redis store"].encode())
+    client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"))
+    names = list(client.scan_iter(match=f"*django_idempotency:{scope.hexdigest()[:32]}:*"))
+    for start in range(0, len(names), 1000):
+        client.delete(*names[start : start + 1000])
+    return len(names)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     urls = {"rabbitmq": args.rabbitmq_url, "redis": args.redis_url}
@@ -227,8 +244,11 @@ def main(argv: list[str] | None = None) -> None:
             if reason is not None:
                 print(f"skipping {kind}: {reason}", file=sys.stderr)
                 continue
-            for regime in regimes:
-                lines += run_broker(kind, urls[kind], database_url, regime, args)
+            try:
+                for regime in regimes:
+                    lines += run_broker(kind, urls[kind], database_url, regime, args)
+            finally:
+                forget_redis_records()
     if CPU_LINES:
         lines += [
             "",
