@@ -209,7 +209,9 @@ def wait_for(connection: BaseDatabaseWrapper, call: Call, seconds: float, retry_
 
 
 def _lock_not_granted(exc: DatabaseError) -> bool:
-    return getattr(exc.__cause__, "sqlstate", None) == "55P03"  # lock_not_available
+    cause = exc.__cause__  # psycopg 3 names the code sqlstate, psycopg2 pgcode
+    code = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+    return code == "55P03"  # lock_not_available
 
 
 def _release_quietly(connection: BaseDatabaseWrapper, lock: int) -> None:
