@@ -142,6 +142,24 @@ def assert_in_progress(answer: Answer) -> None:
     assert problem(answer.response)["type"].endswith(":request-in-progress")
 
 
+def assert_executed_once(
+    answers: list[Answer],
+    gate: Gate,
+    on_commit_calls: list[int],
+    duplicate: Callable[[Answer, Answer], None],
+) -> Answer:
+    """One answer executed (and committed once); ``duplicate(answer, first)`` holds for the rest."""
+    assert_no_errors(answers)
+    [first] = executed(answers)
+    for answer in answers:
+        if answer is not first:
+            duplicate(answer, first)
+    assert gate.executions == 1
+    assert_one_outcome_stored(first)
+    assert on_commit_calls == [first.json()["id"]]
+    return first
+
+
 def assert_replay_of(answer: Answer, first: Answer) -> None:
     assert answer.response is not None
     assert first.response is not None
@@ -164,14 +182,9 @@ def test_duplicates_get_409_while_the_first_runs(
     gate.released.set()
     answers = crowd.answers()
 
-    assert_no_errors(answers)
-    [first] = executed(answers)
-    conflicts = [a for a in answers if a is not first]
-    for conflict in conflicts:
-        assert_in_progress(conflict)
-    assert gate.executions == 1
-    assert_one_outcome_stored(first)
-    assert on_commit_calls == [first.json()["id"]]
+    first = assert_executed_once(
+        answers, gate, on_commit_calls, lambda answer, _: assert_in_progress(answer)
+    )
     # Once the first has committed, the key replays.
     later = Crowd(1, sender(raced)).start().answers()
     assert_replay_of(later[0], first)
@@ -193,14 +206,9 @@ def test_waiting_duplicates_whose_wait_runs_out_get_409(
     gate.released.set()
     answers = crowd.answers()
 
-    assert_no_errors(answers)
-    [first] = executed(answers)
-    for duplicate in answers:
-        if duplicate is not first:
-            assert_in_progress(duplicate)
-    assert gate.executions == 1
-    assert_one_outcome_stored(first)
-    assert on_commit_calls == [first.json()["id"]]
+    assert_executed_once(
+        answers, gate, on_commit_calls, lambda answer, _: assert_in_progress(answer)
+    )
 
 
 @pytest.mark.usefixtures("waiting")
@@ -214,14 +222,7 @@ def test_waiting_duplicates_replay_the_first(
     gate.released.set()
     answers = crowd.answers()
 
-    assert_no_errors(answers)
-    [first] = executed(answers)
-    for duplicate in answers:
-        if duplicate is not first:
-            assert_replay_of(duplicate, first)
-    assert gate.executions == 1
-    assert_one_outcome_stored(first)
-    assert on_commit_calls == [first.json()["id"]]
+    assert_executed_once(answers, gate, on_commit_calls, assert_replay_of)
 
 
 @pytest.mark.usefixtures("waiting")
