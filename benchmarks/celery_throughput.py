@@ -26,7 +26,6 @@ A database beside the URL's is created for the run and dropped at its end.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import statistics
 import sys
@@ -136,7 +135,8 @@ def measure(cluster: Cluster, task: str, messages: int) -> float:
 
 def run_broker(
     kind: str, url: str, database_url: str, connections: str, args: argparse.Namespace
-) -> list[str]:
+) -> tuple[list[str], list[str]]:
+    """The rows of the rates table and, with ``--cpu``, of the CPU table."""
     broker = Broker(kind, url)
     with tempfile.TemporaryDirectory() as gates:
         database = harness.Database(database_url)
@@ -183,13 +183,9 @@ def run_broker(
             f"| {kind} | {connections} | {name} | {rate:,.0f} | **{rate / plain:.2f}** |"
             f" {rate / in_transaction:.2f} | {', '.join(f'{r:,.0f}' for r in rates[name])} |"
         )
-    if args.cpu:
-        CPU_LINES.extend(cpu_lines(kind, connections, cpu))
-    return lines
+    return lines, cpu_lines(kind, connections, cpu) if args.cpu else []
 
 
-#: The ``--cpu`` table's rows, printed after the rates.
-CPU_LINES: list[str] = []
 CPU_COLUMNS = [name for _, name in CPU_GROUPS] + ["this benchmark", "other"]
 
 
@@ -215,9 +211,12 @@ def forget_redis_records() -> int:
     """
     import redis
 
-    scope = hashlib.sha256(b"task:" + VARIANTS["idempotent, lease mode, Redis store"].encode())
+    # The store's record names begin with the digest of the scope (erase() looks for them so).
+    from django_idempotency.stores.cache import _scope_digest
+
+    scope = _scope_digest("task:" + VARIANTS["idempotent, lease mode, Redis store"])
     client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"))
-    names = list(client.scan_iter(match=f"*django_idempotency:{scope.hexdigest()[:32]}:*"))
+    names = list(client.scan_iter(match=f"*django_idempotency:{scope}:*"))
     for start in range(0, len(names), 1000):
         client.delete(*names[start : start + 1000])
     return len(names)
@@ -237,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         " ratio to unprotected in a transaction | each round |",
         "|---|---|---|--:|--:|--:|---|",
     ]
+    cpu_rows: list[str] = []
     with harness.scratch_database(args.database_url) as database_url:
         migrate(database_url)
         for kind in kinds:
@@ -246,17 +246,19 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             try:
                 for regime in regimes:
-                    lines += run_broker(kind, urls[kind], database_url, regime, args)
+                    rates, cpu = run_broker(kind, urls[kind], database_url, regime, args)
+                    lines += rates
+                    cpu_rows += cpu
             finally:
                 forget_redis_records()
-    if CPU_LINES:
+    if cpu_rows:
         lines += [
             "",
             "CPU ms per message, medians of the rounds (the worker: its main process and pool)",
             "",
             "| broker | connections | task | " + " | ".join(CPU_COLUMNS) + " | all |",
             "|---|---|---|" + "--:|" * (len(CPU_COLUMNS) + 1),
-            *CPU_LINES,
+            *cpu_rows,
         ]
     print("\n".join(lines))
 
