@@ -6,7 +6,11 @@ No Django request, no HTTP: the store's own claim and completion statements
 (the SQL the store builds) and an order ``INSERT`` for the view, sent on one
 psycopg connection in the ways the store could send them, interleaved round
 after round. For each: the median and 99th percentile in microseconds and the
-round trips (waits for the server, counted as ``benchmarks/wire.py`` does).
+round trips (waits for the server, counted as ``benchmarks/wire.py`` does),
+the client's CPU time per request (this thread's: the relay counting round
+trips runs in another) and the server's (its backend process' user and
+system time from /proc, in clock ticks summed over every round: where the
+server is not on this machine, 0).
 It shows which lever pays and the floor no code above the driver can beat.
 The database is created and dropped (its name must contain "bench").
 """
@@ -14,6 +18,7 @@ The database is created and dropped (its name must contain "bench").
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -68,25 +73,49 @@ def measure(rounds: int, requests: int) -> str:
         variants = Variants(connection.connection)
         timings: dict[str, list[float]] = {label: [] for label in variants.all}
         trips: dict[str, set[int]] = {label: set() for label in variants.all}
+        cpu: dict[str, list[float]] = {label: [] for label in variants.all}
+        server: dict[str, float] = dict.fromkeys(variants.all, 0.0)
+        backend = connection.connection.info.backend_pid
         for _ in range(rounds):
             for label, request in variants.all.items():
+                server[label] -= backend_cpu(backend)
                 for _ in range(requests):
                     counter.reset()
-                    before = time.perf_counter()
+                    before, thread_before = time.perf_counter(), time.thread_time()
                     request()
                     timings[label].append(time.perf_counter() - before)
+                    cpu[label].append(time.thread_time() - thread_before)
                     trips[label].add(counter.reset())
+                server[label] += backend_cpu(backend)
     lines = [
-        "| statements, sent how | round trips | median µs | p99 µs |",
-        "|---|--:|--:|--:|",
+        "| statements, sent how | round trips | median µs | p99 µs | client CPU µs"
+        " | server CPU µs |",
+        "|---|--:|--:|--:|--:|--:|",
     ]
     for label, values in timings.items():
         p99 = statistics.quantiles(values, n=100, method="inclusive")[98]
         counted = "/".join(str(n) for n in sorted(trips[label]))
         lines.append(
             f"| {label} | {counted} | {statistics.median(values) * 1e6:.0f} | {p99 * 1e6:.0f} |"
+            f" {statistics.fmean(cpu[label]) * 1e6:.0f} |"
+            f" {server[label] / (rounds * requests) * 1e6:.0f} |"
         )
     return "\n".join(lines)
+
+
+def backend_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of the server process ``pid`` so far, from /proc.
+
+    The server runs on this machine (the benchmark connects to 127.0.0.1);
+    where /proc cannot tell (another OS, a server elsewhere), 0.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # utime and stime: fields 14 and 15 of /proc/PID/stat, 12 and 13 after the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Variants:
@@ -98,6 +127,11 @@ class Variants:
         from django_idempotency.stores import postgresql, sql
 
         self.raw = raw
+        # As the store does: with Django's default (no threshold) psycopg
+        # ignores ``prepare=True``; a threshold no statement reaches lets it
+        # prepare what is asked, and only that.
+        if raw.prepare_threshold is None:
+            raw.prepare_threshold = sql.ONLY_WHEN_ASKED
         statements = sql.statements(connection)
         self.claim_sql = postgresql._build_claim_sql(statements, True)
         self.complete_sql = statements.complete
@@ -153,8 +187,16 @@ class Variants:
         lock = int.from_bytes(uuid.uuid4().bytes[:8], "big", signed=True)
         return [lock, *self.sql.new_row_params(connection, values), "floor", key]
 
+    def _store_cursor(self, prepare: bool) -> Any:
+        # As the store's: Django's cursors bind parameters in the client
+        # (``ClientCursor``), which never prepares; the store's prepared
+        # statements go through a server-binding cursor.
+        import psycopg
+
+        return psycopg.Cursor(self.raw) if prepare else self.raw.cursor()
+
     def _claim(self, key: str, *, prepare: bool) -> Any:
-        cursor = self.raw.cursor()
+        cursor = self._store_cursor(prepare)
         cursor.execute(self.claim_sql, self._params(key), prepare=prepare)
         return cursor
 
@@ -174,7 +216,7 @@ class Variants:
             key=key,
             token=self.token,
         )
-        cursor = self.raw.cursor()
+        cursor = self._store_cursor(prepare)
         cursor.execute(self.complete_sql, params, prepare=prepare)
         return cursor
 
