@@ -5,7 +5,9 @@
 Runs the broker tests' tasks (tests/brokered/app.py) with Celery's
 ``task.apply()`` in this process, on PostgreSQL with persistent connections
 (as the throughput benchmark's worker): the unprotected task, the same in a
-transaction, and the idempotent one (``@idempotent_task``, atomic mode). For
+transaction, the idempotent one (``@idempotent_task``, atomic mode) and the
+floor of atomic mode (its transaction and statements alone,
+tests/brokered/floor.py). For
 each, the wall time and this process' CPU time per task (the rest of the CPU
 is PostgreSQL's); for the idempotent task, the store's claim (BEGIN and the
 claim in one round trip) and completion (the completion and COMMIT in one)
@@ -41,6 +43,7 @@ VARIANTS = {
     "unprotected": "book_unprotected",
     "unprotected, in a transaction": "book_unprotected_atomic",
     "idempotent": "book",
+    "floor of atomic mode: its statements alone": "book_floor",
 }
 
 

@@ -21,6 +21,7 @@ from django.test import RequestFactory
 
 from benchmarks.wire import RoundTrips
 from django_idempotency.decorators import idempotent
+from django_idempotency.models import IdempotencyKey
 from tests.testapp.models import Order
 from tests.wire_fixtures import trips_fixture  # noqa: F401
 
@@ -129,3 +130,35 @@ def test_without_several_statements_per_query_a_replay_reads_the_row_apart(
     assert response["Idempotent-Replayed"] == "true"
     assert replay == REPLAY[connection.vendor, mode] + 1
     assert Order.objects.count() == 1
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="the floor is psycopg's")
+def test_the_celery_benchmarks_floor_sends_what_an_idempotent_task_sends(
+    trips: RoundTrips,
+) -> None:
+    """benchmarks/celery_throughput.py's floor of atomic mode: the task's wire, not its code.
+
+    The floor stands for the least any atomic-mode protection on the store's
+    statements can cost, so it must send what an ``@idempotent_task`` sends
+    (BEGIN with the claim, the task's row, the completion with COMMIT) and
+    leave the key completed with the result, as the task does.
+    """
+    from tests.brokered.floor import SCOPE, book_with_bare_statements
+    from tests.testapp import tasks
+
+    tasks.by_event.apply(kwargs={"event": {"id": "warm-up"}})  # statements prepared
+    book_with_bare_statements({"id": "warm-up, floor"})
+
+    trips.reset()
+    tasks.by_event.apply(kwargs={"event": {"id": "task"}}).get()
+    task = trips.reset()
+    result = book_with_bare_statements({"id": "floor"})
+    floor = trips.reset()
+
+    assert task == floor == 3
+    key = IdempotencyKey.objects.get(scope=SCOPE, key="floor")
+    assert key.state == IdempotencyKey.State.COMPLETED
+    assert json.loads(bytes(key.response_body)) == result
+    assert list(Order.objects.filter(item="floor").values_list("pk", flat=True)) == [
+        result["order"]
+    ]

@@ -91,6 +91,15 @@ def book_unprotected_atomic(event: dict[str, Any]) -> dict[str, Any]:
         return book_order(event)
 
 
+# The floor of atomic mode, the benchmark's third baseline: the transaction and
+# the store's two statements as the store sends them, none of the package's code.
+@app.task(name="brokered.book_floor")
+def book_floor(event: dict[str, Any]) -> dict[str, Any]:
+    from tests.brokered.floor import book_with_bare_statements
+
+    return book_with_bare_statements(event)
+
+
 @task_postrun.connect
 def crash_after_commit(task_id: str, kwargs: dict[str, Any], **extra: Any) -> None:
     """Kill the pool process after the task committed, before its message is acknowledged."""

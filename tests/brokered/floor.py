@@ -1,0 +1,83 @@
+"""The floor of atomic mode on PostgreSQL, for the throughput benchmark.
+
+What no implementation of atomic mode on the database store's statements can
+do with less: the transaction, the store's claim and its completion, prepared
+and sent as the store sends them (BEGIN with the claim in one flush, the
+completion with COMMIT in another), through psycopg, with none of the
+package's code around them: no decorator, no engine, no signals, no Django
+atomic block (the transaction is opened and ended on the driver, the task's
+own row inserted inside it). A key is claimed once per event: the benchmark
+never repeats one, so there is no replay path here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from django.db import connection
+from django.utils import timezone
+
+from django_idempotency.stores import postgresql, sql
+from tests.brokered.effects import book_order
+
+SCOPE = "task:brokered.book_floor"
+RETENTION = timedelta(days=1)
+
+
+def book_with_bare_statements(event: dict[str, Any]) -> dict[str, Any]:
+    connection.ensure_connection()
+    raw: Any = connection.connection
+    if raw.prepare_threshold is None:
+        raw.prepare_threshold = sql.ONLY_WHEN_ASKED
+    statements = sql.statements(connection)
+    key, token, now = event["id"], uuid.uuid4().hex, timezone.now()
+    lock = int.from_bytes(
+        hashlib.sha256(f"{SCOPE}\0{key}".encode()).digest()[:8], "big", signed=True
+    )
+    row = {
+        "scope": SCOPE,
+        "key": key,
+        "fingerprint": "",
+        "method": "",
+        "path": "",
+        "state": "in_progress",
+        "token": token,
+        "locked_until": None,
+        "attempts": 1,
+        "response_headers": [],
+        "response_body": b"",
+        "created": now,
+        "expires": now + RETENTION,
+    }
+    cursor = psycopg.Cursor(raw)  # binds on the server, so it can prepare
+    with raw.pipeline():  # Django left the connection in autocommit
+        raw.execute("BEGIN")
+        cursor.execute(
+            postgresql._build_claim_sql(statements, True),
+            [lock, *sql.new_row_params(connection, row), SCOPE, key],
+            prepare=True,
+        )
+    if not cursor.fetchone()[1]:
+        raw.execute("ROLLBACK")
+        raise RuntimeError(f"the floor task claims each event once: {key} was taken")
+    result = book_order(event)  # in the transaction BEGIN opened
+    params = sql.completion_params(
+        connection,
+        status=200,
+        headers=[],
+        body=json.dumps(result).encode(),
+        completed=now,
+        expires=now + RETENTION,
+        scope=SCOPE,
+        key=key,
+        token=token,
+    )
+    with raw.pipeline():
+        cursor.execute(statements.complete, params, prepare=True)
+        raw.execute("COMMIT")
+    return result
