@@ -130,17 +130,21 @@ class DatabaseStore(Store):
             token=claim.token,
         )
         prepare = self.prepares_statements
-        with reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
-            if self._ends_its_transaction(connection):
+        statement = sql.statements(connection).complete
+        with reachable(connection):
+            ends = self._ends_its_transaction(connection)
+            if ends and prepare and postgresql.outside_pipeline(connection):
                 # The last statement of the store's own transaction: COMMIT
                 # goes with it, one round trip (Django's commit then finds the
                 # transaction ended and sends nothing).
-                postgresql.complete_and_commit(
-                    connection, cursor, sql.statements(connection).complete, params
-                )
-            else:
-                cursor.execute(sql.statements(connection).complete, params)
-            updated: int = cursor.rowcount
+                changed = postgresql.complete_and_commit_prepared(connection, statement, params)
+                return changed == 1
+            with sql.cursor(connection, prepare=prepare) as cursor:
+                if ends:
+                    postgresql.complete_and_commit(connection, cursor, statement, params)
+                else:
+                    cursor.execute(statement, params)
+                updated: int = cursor.rowcount
         return updated == 1
 
     def _ends_its_transaction(self, connection: BaseDatabaseWrapper) -> bool:

@@ -19,6 +19,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
+import re
+import select
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,9 +60,16 @@ def insert(
     params = [lock_id(call), *sql.new_row_params(connection, values)]
     if with_row:
         params += [call.scope, call.key]
-    with sql.cursor(connection, prepare=prepare) as cursor:
-        claim = _claim_sql(connection, with_row=with_row)
-        if begins_transaction(connection):
+    claim = _claim_sql(connection, with_row=with_row)
+    begin = begins_transaction(connection)
+    # Prepared, BEGIN and the claim go through libpq's pipeline directly.
+    in_one_flush = begin and prepare and outside_pipeline(connection)
+    with (
+        one_flush(connection, begin=True)
+        if in_one_flush
+        else sql.cursor(connection, prepare=prepare) as cursor
+    ):
+        if begin and not in_one_flush:
             begin_and_execute(connection, cursor, claim, params)
         else:
             cursor.execute(claim, params)
@@ -133,6 +144,236 @@ def complete_and_commit(
     with beginning(connection, cursor) if begin else raw.pipeline():
         cursor.execute(statement, params)
         raw.execute("COMMIT")
+
+
+def complete_and_commit_prepared(
+    connection: BaseDatabaseWrapper, statement: str, params: list[Any]
+) -> int:
+    """Prepared ``statement`` and COMMIT in one flush; the rows it changed.
+
+    As :func:`complete_and_commit`, through libpq's pipeline directly
+    (:func:`one_flush`). If the statement fails, COMMIT is not run and the
+    transaction is left to roll back.
+    """
+    with one_flush(connection, commit=True) as cursor:
+        cursor.execute(statement, params)
+        updated: int = cursor.rowcount
+    return updated
+
+
+def one_flush(
+    connection: BaseDatabaseWrapper, *, begin: bool = False, commit: bool = False
+) -> CursorWrapper:
+    """A cursor for one prepared statement, sent with BEGIN before it or COMMIT after it.
+
+    The same messages as psycopg's pipeline (:func:`begin_and_execute`,
+    :func:`complete_and_commit`), one round trip, sent and read with libpq's
+    own calls: psycopg's pipeline costs about 80 µs of Python per flush,
+    which is most of what a claim costs the client (docs/benchmarks.md, "The
+    floor"). Django's cursor wrapper is around it, so its execute wrappers
+    and query logging see the statement (not BEGIN or COMMIT, as with
+    psycopg's pipeline). Only where :func:`begins_transaction` says so for
+    ``begin``, and where the store's transaction ends for ``commit``.
+    """
+    connection.ensure_connection()
+    connection.validate_thread_sharing()
+    flush = _OneFlush(connection.connection, begin=begin, commit=commit)
+    if connection.queries_logged:
+        return connection.make_debug_cursor(flush)  # type: ignore[arg-type]
+    return connection.make_cursor(flush)  # type: ignore[arg-type]
+
+
+def outside_pipeline(connection: BaseDatabaseWrapper) -> bool:
+    """Whether :func:`one_flush` may run: no psycopg pipeline is open on the connection.
+
+    (Inside one, the statements go through it, as the caller's do.)
+    """
+    raw: Any = connection.connection
+    return bool(raw.pgconn.pipeline_status == 0)  # PipelineStatus.OFF
+
+
+class _OneFlush:
+    """What Django's cursor wrapper runs the statement on; see :func:`one_flush`.
+
+    It offers what the store reads of a cursor (``fetchone``, ``rowcount``)
+    and what Django's wrappers use (``connection``, ``close``).
+    """
+
+    def __init__(self, raw: Any, *, begin: bool, commit: bool) -> None:
+        self.connection = raw
+        self._begin = begin
+        self._commit = commit
+        self._row: tuple[Any, ...] | None = None
+        self.rowcount = -1
+        # Where Django's query log reads a psycopg cursor's statement from
+        # (DatabaseOperations.last_executed_query): the text the server ran.
+        self._query: _Sent | None = None
+
+    def execute(self, query: str, params: Any = None) -> None:
+        raw = self.connection
+        self._query = _Sent(_numbered(query))
+        if self._begin:
+            # Idle, so setting it sends nothing: BEGIN is ours to send, and
+            # Django's commit at the block's end finds the state it expects.
+            raw.autocommit = True
+        try:
+            self._row, self.rowcount = _send(
+                raw, query, list(params or []), self._begin, self._commit
+            )
+        except _statement_gone():
+            # Our prepared statement is gone from the session (DISCARD ALL,
+            # DEALLOCATE): prepared anew. Again only where this flush began
+            # the transaction, which the failure rolled back with nothing in
+            # it; otherwise the transaction is lost, and the error is the
+            # database's (the next flush prepares the statement).
+            if not self._begin:
+                raise
+            raw.execute("ROLLBACK")
+            self._row, self.rowcount = _send(raw, query, list(params or []), True, self._commit)
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        row, self._row = self._row, None
+        return row
+
+    def close(self) -> None:
+        self._row = None
+
+
+def _send(
+    raw: Any, query: str, params: list[Any], begin: bool, commit: bool
+) -> tuple[tuple[Any, ...] | None, int]:
+    """Send [BEGIN,] the prepared ``query`` [, COMMIT] in one flush; its first row and row count."""
+    from psycopg import errors
+    from psycopg.adapt import PyFormat, Transformer
+    from psycopg.pq import ExecStatus
+
+    adapter = Transformer(raw)  # the connection's dumpers and loaders, as a cursor's
+    values = adapter.dump_sequence(params, [PyFormat.AUTO] * len(params))
+    # psycopg dumps some values by what they hold (an int as int2, int4 or
+    # int8): a statement is prepared per set of parameter types, as psycopg does.
+    names = _prepared_names(raw)
+    types = tuple(adapter.types or ())
+    name = names.get((query, types))
+    new_name = None
+    with raw.lock:
+        pgconn = raw.pgconn
+        pgconn.enter_pipeline_mode()
+        try:
+            if begin:
+                pgconn.send_query_params(b"BEGIN", None)
+            if name is None:
+                name = new_name = f"django_idempotency_{next(_NAME_NUMBERS)}".encode()
+                pgconn.send_prepare(name, _numbered(query), types)
+            pgconn.send_query_prepared(name, values, param_formats=adapter.formats)
+            if commit:
+                pgconn.send_query_params(b"COMMIT", None)
+            pgconn.pipeline_sync()
+            while pgconn.flush():
+                _wait(pgconn.socket, write=True)
+            results = _read_until_sync(pgconn)
+            pgconn.exit_pipeline_mode()
+        except BaseException:
+            _abandon(raw)
+            raise
+    # BEGIN's, the prepare's, the statement's, COMMIT's: the first that failed
+    # is the error (the ones after it were skipped).
+    failed = next((r for r in results if r.status == ExecStatus.FATAL_ERROR), None)
+    if failed is not None:
+        error = errors.error_from_result(failed, encoding=raw.info.encoding)
+        if isinstance(error, _statement_gone()):
+            names.clear()  # prepared anew by the next flush
+        raise error
+    if new_name is not None:
+        names[query, types] = new_name
+    result = results[-2] if commit else results[-1]
+    row = None
+    if result.status == ExecStatus.TUPLES_OK and result.ntuples:
+        adapter.set_pgresult(result)
+        row = adapter.load_row(0, tuple)
+    return row, result.command_tuples if result.command_tuples is not None else -1
+
+
+class _Sent:
+    """The statement as sent, where Django's query log looks for it."""
+
+    def __init__(self, query: bytes) -> None:
+        self.query = query
+
+
+def _statement_gone() -> type[Exception]:
+    """The error of a statement this connection prepared and the session no longer has.
+
+    (Never of a statement prepared in the same flush: its Parse would have failed first.)
+    """
+    from psycopg import errors
+
+    return errors.InvalidSqlStatementName
+
+
+#: Names of the store's statements prepared on each psycopg connection, by
+#: (statement, parameter types); forgotten with the connection.
+_PREPARED: weakref.WeakKeyDictionary[Any, dict[tuple[str, tuple[int, ...]], bytes]] = (
+    weakref.WeakKeyDictionary()
+)
+_NAME_NUMBERS = itertools.count(1)
+
+
+def _prepared_names(raw: Any) -> dict[tuple[str, tuple[int, ...]], bytes]:
+    names = _PREPARED.get(raw)
+    if names is None:
+        names = _PREPARED[raw] = {}
+    return names
+
+
+@functools.lru_cache(maxsize=64)
+def _numbered(query: str) -> bytes:
+    """``query`` with PostgreSQL's ``$n`` placeholders for psycopg's ``%s``."""
+    numbers = itertools.count(1)
+    return re.sub(
+        r"%(s|%)", lambda match: "%" if match[1] == "%" else f"${next(numbers)}", query
+    ).encode()
+
+
+def _read_until_sync(pgconn: Any) -> list[Any]:
+    """The results of a pipeline up to its Sync, waiting for the server as needed."""
+    from psycopg.pq import ExecStatus
+
+    results: list[Any] = []
+    while True:
+        while pgconn.is_busy():
+            _wait(pgconn.socket, write=False)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:  # between one command's results and the next
+            continue
+        if result.status == ExecStatus.PIPELINE_SYNC:
+            return results
+        results.append(result)
+
+
+def _wait(fileno: int, *, write: bool) -> None:
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fileno, select.POLLOUT if write else select.POLLIN)
+        poller.poll()
+    else:  # pragma: no cover - Windows
+        select.select([], [fileno], []) if write else select.select([fileno], [], [])
+
+
+def _abandon(raw: Any) -> None:
+    """Leave pipeline mode after a failure part-way; a session it cannot leave is closed.
+
+    Results left unread (a signal, the server gone) would be read as the
+    next statement's: the connection is then closed, and Django replaces it.
+    """
+    from psycopg.pq import ConnStatus
+
+    pgconn = raw.pgconn
+    with contextlib.suppress(Exception):
+        if pgconn.status == ConnStatus.OK:
+            pgconn.exit_pipeline_mode()
+            return
+    raw.close()
 
 
 @contextlib.contextmanager

@@ -3,10 +3,11 @@
 What no implementation of atomic mode on the database store's statements can
 do with less: the transaction, the store's claim and its completion, prepared
 and sent as the store sends them (BEGIN with the claim in one flush, the
-completion with COMMIT in another), through psycopg, with none of the
-package's code around them: no decorator, no engine, no signals, no Django
-atomic block (the transaction is opened and ended on the driver, the task's
-own row inserted inside it). A key is claimed once per event: the benchmark
+completion with COMMIT in another, through libpq's pipeline: the store's own
+``postgresql._send``), with none of the package's code around them: no
+decorator, no engine, no signals, no Django cursor or atomic block (the
+transaction is opened and ended on the driver, the task's own row inserted
+inside it). A key is claimed once per event: the benchmark
 never repeats one, so there is no replay path here.
 """
 
@@ -18,7 +19,6 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-import psycopg
 from django.db import connection
 from django.utils import timezone
 
@@ -32,8 +32,6 @@ RETENTION = timedelta(days=1)
 def book_with_bare_statements(event: dict[str, Any]) -> dict[str, Any]:
     connection.ensure_connection()
     raw: Any = connection.connection
-    if raw.prepare_threshold is None:
-        raw.prepare_threshold = sql.ONLY_WHEN_ASKED
     statements = sql.statements(connection)
     key, token, now = event["id"], uuid.uuid4().hex, timezone.now()
     lock = int.from_bytes(
@@ -54,15 +52,15 @@ def book_with_bare_statements(event: dict[str, Any]) -> dict[str, Any]:
         "created": now,
         "expires": now + RETENTION,
     }
-    cursor = psycopg.Cursor(raw)  # binds on the server, so it can prepare
-    with raw.pipeline():  # Django left the connection in autocommit
-        raw.execute("BEGIN")
-        cursor.execute(
-            postgresql._build_claim_sql(statements, True),
-            [lock, *sql.new_row_params(connection, row), SCOPE, key],
-            prepare=True,
-        )
-    if not cursor.fetchone()[1]:
+    # Django left the connection in autocommit: BEGIN is sent with the claim.
+    claimed, _ = postgresql._send(
+        raw,
+        postgresql._build_claim_sql(statements, True),
+        [lock, *sql.new_row_params(connection, row), SCOPE, key],
+        True,
+        False,
+    )
+    if not (claimed and claimed[1]):
         raw.execute("ROLLBACK")
         raise RuntimeError(f"the floor task claims each event once: {key} was taken")
     result = book_order(event)  # in the transaction BEGIN opened
@@ -77,7 +75,7 @@ def book_with_bare_statements(event: dict[str, Any]) -> dict[str, Any]:
         key=key,
         token=token,
     )
-    with raw.pipeline():
-        cursor.execute(statements.complete, params, prepare=True)
-        raw.execute("COMMIT")
+    _, completed = postgresql._send(raw, statements.complete, params, False, True)
+    if completed != 1:
+        raise RuntimeError(f"the floor task's completion changed {completed} rows")
     return result
