@@ -164,6 +164,8 @@ class Variants:
             "prepared; BEGIN + claim, INSERT, completion + COMMIT": self.pipelined,
             "the same, libpq's pipeline without psycopg's": self.pipelined_libpq,
             "prepared; all five in one pipeline (no view could)": self.one_pipeline,
+            "lease mode: claim, INSERT, completion, each in autocommit; prepared": self.lease,
+            "the same, through libpq's calls": self.lease_libpq,
             "one message each: `BEGIN; claim`, INSERT, `completion; COMMIT`; unprepared": (
                 self.messages
             ),
@@ -377,6 +379,20 @@ class Variants:
             key=key,
             token=self.token,
         )
+
+    def lease(self) -> None:
+        # Each statement commits on its own: the claim must be visible to
+        # every other request before the view runs, the completion after it.
+        key = uuid.uuid4().hex
+        self._claim(key, prepare=True).fetchone()
+        self._order().fetchone()
+        self._complete(key, prepare=True)
+
+    def lease_libpq(self) -> None:
+        key = uuid.uuid4().hex
+        self._libpq_flush([(b"floor_libpq_claim", None, self._params(key))])
+        self._order().fetchone()
+        self._libpq_flush([(b"floor_libpq_complete", None, self._completion_params(key))])
 
     def one_pipeline(self) -> None:
         key = uuid.uuid4().hex
