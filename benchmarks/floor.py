@@ -216,23 +216,8 @@ class Variants:
         return cursor
 
     def _complete(self, key: str, *, prepare: bool) -> Any:
-        from django.db import connection
-        from django.utils import timezone
-
-        now = timezone.now()
-        params = self.sql.completion_params(
-            connection,
-            status=201,
-            headers=[["Content-Type", "application/json"]],
-            body=b'{"id": 1, "item": "book"}',
-            completed=now,
-            expires=now + timedelta(days=1),
-            scope="floor",
-            key=key,
-            token=self.token,
-        )
         cursor = self._store_cursor(prepare)
-        cursor.execute(self.complete_sql, params, prepare=prepare)
+        cursor.execute(self.complete_sql, self._completion_params(key), prepare=prepare)
         return cursor
 
     def _order(self, *, prepare: bool | None = None) -> Any:
@@ -404,9 +389,6 @@ class Variants:
             self.raw.execute("COMMIT")
 
     def messages(self, prepared: bool = False) -> None:
-        from django.db import connection
-        from django.utils import timezone
-
         key = uuid.uuid4().hex
         cursor = self._client_cursor()
         params = self._params(key)
@@ -415,18 +397,7 @@ class Variants:
         cursor.nextset()
         cursor.fetchone()
         self._order().fetchone()
-        now = timezone.now()
-        params = self.sql.completion_params(
-            connection,
-            status=201,
-            headers=[["Content-Type", "application/json"]],
-            body=b'{"id": 1, "item": "book"}',
-            completed=now,
-            expires=now + timedelta(days=1),
-            scope="floor",
-            key=key,
-            token=self.token,
-        )
+        params = self._completion_params(key)
         complete = (
             self._execute_sql("floor_complete", len(params)) if prepared else self.complete_sql
         )
