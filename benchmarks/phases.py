@@ -29,6 +29,14 @@ from benchmarks.wire import round_trips
 PLAIN = Variant("plain view", "/plain/", no_key)
 PLAIN_IN_TRANSACTION = Variant("plain view in transaction.atomic", "/plain-in-transaction/", no_key)
 ATOMIC_FIRST = Variant("atomic (database), first execution", "/atomic/", fresh_key)
+#: The least a replay can cost (benchmarks.views.replay_floor): the replay
+#: targets' floor, measured in the same rounds. Not a "replay": no target of its own.
+REPLAY_FLOOR = Variant(
+    "floor of a replay: the answer without reading it",
+    "/replay-floor/",
+    fixed_key("replay-floor"),
+    replays=True,
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ def variants(with_redis: bool) -> list[Variant]:
         protected.append(Variant(f"{label}, first execution", path, fresh_key))
         replay_key = fixed_key(f"replay{path.replace('/', '-')}")
         protected.append(Variant(f"{label}, replay", path, replay_key, replays=True))
-    return [PLAIN, PLAIN_IN_TRANSACTION, *protected]
+    return [PLAIN, PLAIN_IN_TRANSACTION, *protected, REPLAY_FLOOR]
 
 
 def prime_replays(client: Client, variants: list[Variant]) -> None:

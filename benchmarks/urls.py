@@ -9,6 +9,7 @@ urlpatterns = [
     path("plain-in-transaction/", views.plain_in_transaction),
     path("atomic/", views.atomic),
     path("lease/", views.lease),
+    path("replay-floor/", views.replay_floor),
 ]
 if views.lease_redis is not None:
     urlpatterns.append(path("lease-redis/", views.lease_redis))

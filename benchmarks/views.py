@@ -7,7 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_POST
 
 from benchmarks.models import Order
@@ -34,6 +34,28 @@ def plain_in_transaction(request: HttpRequest) -> JsonResponse:
     # What atomic mode costs beyond the transaction a careful view has anyway.
     with transaction.atomic():
         return create_order(request)
+
+
+#: What a replay of create_order answers (benchmarks.phases primes one first).
+STORED_ANSWER = json.dumps({"id": 1, "item": "book"}).encode()
+
+
+@require_POST
+def replay_floor(request: HttpRequest) -> HttpResponse:
+    """The least a replay can cost: the request handled, authenticated, the key read.
+
+    Then the stored answer, as if it had been read from a store that costs
+    nothing: no store, no fingerprint, no round trip. The replay targets are
+    measured against what this reaches in the same rounds.
+    """
+    if request.user.is_authenticated:  # authentication first, as for every replay
+        pass
+    if not request.headers.get("Idempotency-Key"):
+        return HttpResponse(status=400)
+    response = HttpResponse(STORED_ANSWER, status=201, content_type="application/json")
+    response["Location"] = "/orders/1/"
+    response["Idempotent-Replayed"] = "true"
+    return response
 
 
 atomic = require_POST(idempotent(mode="atomic")(create_order))
