@@ -118,13 +118,6 @@ def backend_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _numbered(statement: str) -> str:
-    """``statement`` with PostgreSQL's numbered placeholders for psycopg's ``%s``."""
-    for number in range(1, statement.count("%s") + 1):
-        statement = statement.replace("%s", f"${number}", 1)
-    return statement
-
-
 class Variants:
     """Each variant is one request's worth of statements on connection ``raw``."""
 
@@ -146,12 +139,8 @@ class Variants:
             "INSERT INTO benchmarks_order (item, created) VALUES (%s, now()) RETURNING id"
         )
         self.sql = sql
+        self.postgresql = postgresql
         self.replay_key = "floor-replay"
-        self._libpq_sql = {
-            b"floor_libpq_claim": self.claim_sql,
-            b"floor_libpq_complete": self.complete_sql,
-        }
-        self._libpq_prepared: set[bytes] = set()
         self._claim(self.replay_key, prepare=False)
         self._complete(self.replay_key, prepare=False)
         self.raw.commit()
@@ -233,8 +222,9 @@ class Variants:
     def _prepare_once(self) -> None:
         if getattr(self, "_prepared", False):
             return
-        self.raw.execute(f"PREPARE floor_claim AS {_numbered(self.claim_sql)}")
-        self.raw.execute(f"PREPARE floor_complete AS {_numbered(self.complete_sql)}")
+        numbered = self.postgresql._numbered
+        self.raw.execute(f"PREPARE floor_claim AS {numbered(self.claim_sql).decode()}")
+        self.raw.execute(f"PREPARE floor_complete AS {numbered(self.complete_sql).decode()}")
         self._prepared = True
 
     def _execute_sql(self, name: str, count: int) -> str:
@@ -282,71 +272,17 @@ class Variants:
 
     def pipelined_libpq(self) -> None:
         # The same messages as pipelined(), sent and read through libpq's own
-        # calls (psycopg's ``pgconn``): what psycopg's Python pipeline machinery
-        # costs, measured by leaving it out. Parameters dumped by psycopg.
-        from psycopg.pq import ExecStatus
-
+        # calls, as the store sends them (``postgresql._send``): what psycopg's
+        # Python pipeline machinery costs, measured by leaving it out.
         key = uuid.uuid4().hex
-        begin_and_claim = self._libpq_flush(
-            [(None, b"BEGIN", []), (b"floor_libpq_claim", None, self._params(key))]
-        )[1]
-        if begin_and_claim.status != ExecStatus.TUPLES_OK:
-            raise RuntimeError(begin_and_claim.get_error_message())
+        send = self.postgresql._send
+        claimed, _ = send(self.raw, self.claim_sql, self._params(key), True, False)
+        if not (claimed and claimed[1]):
+            raise RuntimeError(f"{key} was not claimed")
         self._order().fetchone()
-        completion = self._libpq_flush(
-            [
-                (b"floor_libpq_complete", None, self._completion_params(key)),
-                (None, b"COMMIT", []),
-            ]
-        )[0]
-        if completion.command_tuples != 1:
-            raise RuntimeError(completion.get_error_message())
-
-    def _libpq_flush(
-        self, commands: list[tuple[bytes | None, bytes | None, list[Any]]]
-    ) -> list[Any]:
-        """Send ``commands`` (prepared name or SQL, and parameters) in one flush; their results."""
-        import select
-
-        from psycopg.adapt import PyFormat, Transformer
-        from psycopg.pq import ExecStatus
-
-        pgconn = self.raw.pgconn
-        pgconn.enter_pipeline_mode()
-        try:
-            kinds = []  # of each result to come: a statement's (kept) or a prepare's
-            for name, statement, params in commands:
-                dumper = Transformer(self.raw)
-                values = dumper.dump_sequence(params, [PyFormat.AUTO] * len(params))
-                if name is None:
-                    pgconn.send_query_params(statement, values or None)
-                    kinds.append(True)
-                    continue
-                if name not in self._libpq_prepared:
-                    # Prepared with the types psycopg dumps (an int may go as int2).
-                    pgconn.send_prepare(
-                        name, _numbered(self._libpq_sql[name]).encode(), dumper.types
-                    )
-                    self._libpq_prepared.add(name)
-                    kinds.append(False)
-                pgconn.send_query_prepared(name, values, param_formats=dumper.formats)
-                kinds.append(True)
-            pgconn.pipeline_sync()
-            while pgconn.flush():
-                select.select([], [pgconn.socket], [])
-            results = []
-            while True:
-                while pgconn.is_busy():
-                    select.select([pgconn.socket], [], [])
-                    pgconn.consume_input()
-                result = pgconn.get_result()
-                if result is None:  # the end of one command's results
-                    continue
-                if result.status == ExecStatus.PIPELINE_SYNC:
-                    return [kept for kept, keep in zip(results, kinds, strict=True) if keep]
-                results.append(result)
-        finally:
-            pgconn.exit_pipeline_mode()
+        _, completed = send(self.raw, self.complete_sql, self._completion_params(key), False, True)
+        if completed != 1:
+            raise RuntimeError(f"the completion of {key} changed {completed} rows")
 
     def _completion_params(self, key: str) -> list[Any]:
         from django.db import connection
@@ -375,9 +311,10 @@ class Variants:
 
     def lease_libpq(self) -> None:
         key = uuid.uuid4().hex
-        self._libpq_flush([(b"floor_libpq_claim", None, self._params(key))])
+        send = self.postgresql._send
+        send(self.raw, self.claim_sql, self._params(key), False, False)
         self._order().fetchone()
-        self._libpq_flush([(b"floor_libpq_complete", None, self._completion_params(key))])
+        send(self.raw, self.complete_sql, self._completion_params(key), False, False)
 
     def one_pipeline(self) -> None:
         key = uuid.uuid4().hex

@@ -13,7 +13,6 @@ never repeats one, so there is no replay path here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from datetime import timedelta
@@ -22,6 +21,7 @@ from typing import Any
 from django.db import connection
 from django.utils import timezone
 
+from django_idempotency.protocol import Call
 from django_idempotency.stores import postgresql, sql
 from tests.brokered.effects import book_order
 
@@ -34,9 +34,7 @@ def book_with_bare_statements(event: dict[str, Any]) -> dict[str, Any]:
     raw: Any = connection.connection
     statements = sql.statements(connection)
     key, token, now = event["id"], uuid.uuid4().hex, timezone.now()
-    lock = int.from_bytes(
-        hashlib.sha256(f"{SCOPE}\0{key}".encode()).digest()[:8], "big", signed=True
-    )
+    lock = postgresql.lock_id(Call(scope=SCOPE, key=key, fingerprint=""))
     row = {
         "scope": SCOPE,
         "key": key,
