@@ -211,15 +211,14 @@ class _OneFlush:
 
     def execute(self, query: str, params: Any = None) -> None:
         raw = self.connection
+        params = list(params or [])
         self._query = _Sent(_numbered(query))
         if self._begin:
             # Idle, so setting it sends nothing: BEGIN is ours to send, and
             # Django's commit at the block's end finds the state it expects.
             raw.autocommit = True
         try:
-            self._row, self.rowcount = _send(
-                raw, query, list(params or []), self._begin, self._commit
-            )
+            self._row, self.rowcount = _send(raw, query, params, self._begin, self._commit)
         except _statement_gone():
             # Our prepared statement is gone from the session (DISCARD ALL,
             # DEALLOCATE): prepared anew. Again only where this flush began
@@ -229,7 +228,7 @@ class _OneFlush:
             if not self._begin:
                 raise
             raw.execute("ROLLBACK")
-            self._row, self.rowcount = _send(raw, query, list(params or []), True, self._commit)
+            self._row, self.rowcount = _send(raw, query, params, True, self._commit)
 
     def fetchone(self) -> tuple[Any, ...] | None:
         row, self._row = self._row, None
