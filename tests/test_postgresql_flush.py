@@ -79,6 +79,48 @@ def test_a_first_execution_and_its_replay_prepare_the_store_statements_once() ->
     assert Order.objects.count() == 2
 
 
+@idempotent(mode="lease")
+def create_order_in_lease_mode(request: HttpRequest) -> HttpResponse:
+    return create_order.__wrapped__(request)  # type: ignore[attr-defined,no-any-return]
+
+
+def post_in_lease_mode(key: str) -> HttpResponse:
+    request = RequestFactory().post(
+        "/orders/",
+        json.dumps({"item": "book"}),
+        content_type="application/json",
+        headers={"Idempotency-Key": key},
+    )
+    return create_order_in_lease_mode(request)
+
+
+def test_lease_mode_sends_its_statements_through_libpq_prepared_once() -> None:
+    with CaptureQueriesContext(connection) as queries:
+        assert post_in_lease_mode("lease-1").status_code == 201
+    names = prepared_names()
+    assert post_in_lease_mode("lease-2").status_code == 201
+    replay = post_in_lease_mode("lease-1")
+
+    assert replay["Idempotent-Replayed"] == "true"
+    assert len(names) == 2  # the claim and the completion
+    assert prepared_names() == names
+    # Each in autocommit, as before: no transaction control around them.
+    assert [q["sql"].split()[0] for q in queries] == ["WITH", "INSERT", "UPDATE"]
+
+
+def test_a_lease_statement_the_session_lost_is_prepared_again() -> None:
+    # Outside a transaction the statement is its own: nothing else is lost
+    # with it, so it is prepared again and sent again.
+    assert post_in_lease_mode("lease-lost-1").status_code == 201
+    raw().execute("DEALLOCATE ALL")
+
+    assert post_in_lease_mode("lease-lost-2").status_code == 201
+    assert post_in_lease_mode("lease-lost-1")["Idempotent-Replayed"] == "true"
+    assert IdempotencyKey.objects.get(key="lease-lost-2").state == IdempotencyKey.State.COMPLETED
+    assert len(prepared_names()) == 2
+    assert Order.objects.count() == 2
+
+
 def test_a_statement_is_prepared_again_for_other_parameter_types() -> None:
     # psycopg dumps an int by its size: int2 here, int8 there.
     small, _ = postgresql._send(raw(), "SELECT CAST(%s AS bigint) + 1", [1], False, False)

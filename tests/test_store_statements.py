@@ -20,7 +20,7 @@ from django.test.utils import CaptureQueriesContext
 from django_idempotency.engine import Call, Executed, Policy, Replayed, Snapshot, protected, run
 from django_idempotency.exceptions import FingerprintMismatch, RequestInProgress
 from django_idempotency.models import IdempotencyKey
-from django_idempotency.stores import sql
+from django_idempotency.stores import postgresql, sql
 from tests.factories import OrderFactory
 from tests.testapp.models import Order
 
@@ -214,9 +214,20 @@ def test_statements_are_not_prepared_with_the_prepare_option_off() -> None:
             "OPTIONS": {"PREPARE": False},
         }
     }
+    # What earlier tests prepared on this session is not this test's.
+    connection.ensure_connection()
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    postgresql._prepared_names(connection.connection).clear()
     with override_settings(IDEMPOTENCY_STORES=stores):
         run(CALL, Policy(mode="atomic"), create_order, keep)
         replay = run(CALL, Policy(mode="atomic"), create_order, keep)
+        run(
+            Call(CALL.scope, "statements-lease", CALL.fingerprint),
+            Policy(mode="lease"),
+            create_order,
+            keep,
+        )
 
     assert isinstance(replay, Replayed)
     assert prepared_store_statements() == []

@@ -139,12 +139,14 @@ class DatabaseStore(Store):
                 # transaction ended and sends nothing).
                 changed = postgresql.complete_and_commit_prepared(connection, statement, params)
                 return changed == 1
-            with sql.cursor(connection, prepare=prepare) as cursor:
-                if ends:
+            if ends:
+                with sql.cursor(connection, prepare=prepare) as cursor:
                     postgresql.complete_and_commit(connection, cursor, statement, params)
-                else:
+                    updated: int = cursor.rowcount
+            else:
+                with postgresql.statement_cursor(connection, prepare=prepare) as cursor:
                     cursor.execute(statement, params)
-                updated: int = cursor.rowcount
+                    updated = cursor.rowcount
         return updated == 1
 
     def _ends_its_transaction(self, connection: BaseDatabaseWrapper) -> bool:
@@ -162,8 +164,8 @@ class DatabaseStore(Store):
         connection = transaction.get_connection(self.db)
         params = [claim.call.scope, claim.call.key, claim.token]
         prepare = self.prepares_statements
-        with reachable(connection), sql.cursor(connection, prepare=prepare) as cursor:
-            cursor.execute(sql.statements(connection).release, params)
+        with reachable(connection), postgresql.statement_cursor(connection, prepare=prepare) as c:
+            c.execute(sql.statements(connection).release, params)
 
     def erase(
         self,

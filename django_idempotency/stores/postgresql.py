@@ -62,10 +62,11 @@ def insert(
         params += [call.scope, call.key]
     claim = _claim_sql(connection, with_row=with_row)
     begin = begins_transaction(connection)
-    # Prepared, BEGIN and the claim go through libpq's pipeline directly.
-    in_one_flush = begin and prepare and outside_pipeline(connection)
+    # Prepared, the claim (with BEGIN where the store begins the transaction)
+    # goes through libpq's pipeline directly.
+    in_one_flush = prepare and _may_flush_alone(connection)
     with (
-        one_flush(connection, begin=True)
+        one_flush(connection, begin=begin)
         if in_one_flush
         else sql.cursor(connection, prepare=prepare) as cursor
     ):
@@ -183,6 +184,26 @@ def one_flush(
     return connection.make_cursor(flush)  # type: ignore[arg-type]
 
 
+def statement_cursor(connection: BaseDatabaseWrapper, *, prepare: bool) -> CursorWrapper:
+    """A cursor for one of the store's statements, on its own (no BEGIN, no COMMIT).
+
+    Prepared (psycopg 3, outside a psycopg pipeline), it is :func:`one_flush`:
+    the same one round trip as psycopg's cursor, without its Python. Lease
+    mode's claim, completion and release, each in autocommit, go this way.
+    Otherwise :func:`sql.cursor`.
+    """
+    if prepare and _may_flush_alone(connection):
+        return one_flush(connection)
+    return sql.cursor(connection, prepare=prepare)
+
+
+def _may_flush_alone(connection: BaseDatabaseWrapper) -> bool:
+    if not sql.is_psycopg3(connection):
+        return False
+    connection.ensure_connection()
+    return outside_pipeline(connection)
+
+
 def outside_pipeline(connection: BaseDatabaseWrapper) -> bool:
     """Whether :func:`one_flush` may run: no psycopg pipeline is open on the connection.
 
@@ -217,18 +238,27 @@ class _OneFlush:
             # Idle, so setting it sends nothing: BEGIN is ours to send, and
             # Django's commit at the block's end finds the state it expects.
             raw.autocommit = True
+        # A statement sent on its own outside a transaction (autocommit and
+        # idle: not after a BEGIN the store sent itself) is its own transaction.
+        alone = (
+            not (self._begin or self._commit)
+            and raw.autocommit
+            and raw.pgconn.transaction_status == _idle()
+        )
         try:
             self._row, self.rowcount = _send(raw, query, params, self._begin, self._commit)
         except _statement_gone():
             # Our prepared statement is gone from the session (DISCARD ALL,
-            # DEALLOCATE): prepared anew. Again only where this flush began
-            # the transaction, which the failure rolled back with nothing in
-            # it; otherwise the transaction is lost, and the error is the
-            # database's (the next flush prepares the statement).
-            if not self._begin:
+            # DEALLOCATE): prepared anew. Again only where nothing else was
+            # lost with it: this flush began the transaction, which the
+            # failure rolled back with nothing in it, or the statement was
+            # its own transaction. Otherwise the transaction is lost, and the
+            # error is the database's (the next flush prepares the statement).
+            if self._begin:
+                raw.execute("ROLLBACK")
+            elif not alone:
                 raise
-            raw.execute("ROLLBACK")
-            self._row, self.rowcount = _send(raw, query, params, True, self._commit)
+            self._row, self.rowcount = _send(raw, query, params, self._begin, self._commit)
 
     def fetchone(self) -> tuple[Any, ...] | None:
         row, self._row = self._row, None
