@@ -305,6 +305,25 @@ def test_a_replay_is_one_round_trip_and_a_first_execution_two(redis_store: Cache
     assert commands == ["EVALSHA"]  # the claim finds the outcome
 
 
+def test_scripts_the_server_forgot_are_sent_again(redis_store: CacheStore) -> None:
+    """After SCRIPT FLUSH (or a restart) EVALSHA fails with NOSCRIPT: EVAL sends the text."""
+    client = get_redis_connection("redis")
+    claim = redis_store.claim(CALL, POLICY)
+    assert isinstance(claim, Execute)
+    client.script_flush()
+
+    assert redis_store.complete(claim, Snapshot(201, body=b"made"), POLICY)
+    client.script_flush()
+    assert replayed(redis_store.claim(CALL, POLICY)) == Snapshot(201, body=b"made")
+    other = redis_store.claim(Call(CALL.scope, "call-2", CALL.fingerprint), POLICY)
+    assert isinstance(other, Execute)
+    client.script_flush()
+    redis_store.release(other)
+    assert redis_store.record(CALL.scope, "call-2") is None
+    # EVAL loaded the script: EVALSHA finds it again.
+    assert client.script_exists(cache._SHA1[cache._RELEASE]) == [True]
+
+
 def test_record_names_honour_the_cache_key_prefix_and_are_unambiguous(
     settings: Any, redis_records: None
 ) -> None:

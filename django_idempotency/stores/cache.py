@@ -33,7 +33,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_redis import get_redis_connection  # type: ignore[import-untyped]
 from django_redis.cache import RedisCache  # type: ignore[import-untyped]
 from redis import Redis
-from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
+from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -134,6 +134,11 @@ redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
 return 1
 """
 
+#: The SHA-1 of each script above, by which EVALSHA names it.
+_SHA1 = {
+    script: hashlib.sha1(script.encode()).hexdigest() for script in (_CLAIM, _COMPLETE, _RELEASE)
+}
+
 
 class CacheStore(Store):
     """Keys in Redis, through a django-redis cache; supports ``lease`` only.
@@ -166,9 +171,7 @@ class CacheStore(Store):
         fresh = _dumps(_in_progress(call, policy, token, now))
         ttl = _ms(max(policy.retention, policy.lease))
         with self._reachable() as client:
-            decision = client.register_script(_CLAIM)(
-                keys=[name], args=[fresh, now, ttl], client=client
-            )
+            decision = _run(client, _CLAIM, name, fresh, now, ttl)
         return self._decide(call, token, decision)
 
     def complete(self, claim: Execute, snapshot: Snapshot, policy: Policy) -> bool:
@@ -176,15 +179,13 @@ class CacheStore(Store):
         done = _completed(claim, snapshot, policy, now)
         name = self.record_name(claim.call.scope, claim.call.key)
         with self._reachable() as client:
-            stored = client.register_script(_COMPLETE)(
-                keys=[name], args=[claim.token, _dumps(done), _ms(policy.retention)], client=client
-            )
+            stored = _run(client, _COMPLETE, name, claim.token, _dumps(done), _ms(policy.retention))
         return bool(stored)
 
     def release(self, claim: Execute) -> None:
         name = self.record_name(claim.call.scope, claim.call.key)
         with self._reachable() as client:
-            client.register_script(_RELEASE)(keys=[name], args=[claim.token], client=client)
+            _run(client, _RELEASE, name, claim.token)
 
     def record(self, scope: str, key: str) -> dict[str, Any] | None:
         """The stored record of (scope, key), decoded; for inspection and tests."""
@@ -317,6 +318,19 @@ class CacheStore(Store):
             return Replay(call, _snapshot(record))
         left_ms = int(decision[1])
         raise RequestInProgress(retry_after=math.ceil(left_ms / 1000))
+
+
+def _run(client: Redis, script: str, name: str, *args: Any) -> Any:
+    """Run one of the scripts above on the record ``name``: ``EVALSHA``, ``EVAL`` the first time.
+
+    What redis-py's ``register_script`` does, without building a ``Script``
+    (and hashing its text) on every call: a replay's whole claim is this one
+    command.
+    """
+    try:
+        return client.evalsha(_SHA1[script], 1, name, *args)
+    except NoScriptError:  # not in the server's script cache yet (or flushed from it)
+        return client.eval(script, 1, name, *args)
 
 
 def _in_progress(call: Call, policy: Policy, token: str, now: int) -> dict[str, Any]:
