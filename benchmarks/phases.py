@@ -38,6 +38,22 @@ REPLAY_FLOOR = Variant(
     replays=True,
 )
 
+#: The floor of a replay that reads its outcome, one read and nothing else
+#: (benchmarks.views): the stored answer of the atomic-mode replays' key from
+#: the database, of the Redis replays' key from Redis.
+REPLAY_FLOOR_SQL = Variant(
+    "floor of a replay: one read of the row (database)",
+    "/replay-floor-sql/",
+    fixed_key("replay-atomic-"),
+    replays=True,
+)
+REPLAY_FLOOR_REDIS = Variant(
+    "floor of a replay: one read of the record (Redis)",
+    "/replay-floor-redis/",
+    fixed_key("replay-lease-redis-"),
+    replays=True,
+)
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -94,7 +110,8 @@ def variants(with_redis: bool) -> list[Variant]:
         protected.append(Variant(f"{label}, first execution", path, fresh_key))
         replay_key = fixed_key(f"replay{path.replace('/', '-')}")
         protected.append(Variant(f"{label}, replay", path, replay_key, replays=True))
-    return [PLAIN, PLAIN_IN_TRANSACTION, *protected, REPLAY_FLOOR]
+    floors = [REPLAY_FLOOR, REPLAY_FLOOR_SQL, *([REPLAY_FLOOR_REDIS] if with_redis else [])]
+    return [PLAIN, PLAIN_IN_TRANSACTION, *protected, *floors]
 
 
 def prime_replays(client: Client, variants: list[Variant]) -> None:

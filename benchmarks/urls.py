@@ -10,9 +10,13 @@ urlpatterns = [
     path("atomic/", views.atomic),
     path("lease/", views.lease),
     path("replay-floor/", views.replay_floor),
+    path("replay-floor-sql/", views.replay_floor_sql),
 ]
 if views.lease_redis is not None:
-    urlpatterns.append(path("lease-redis/", views.lease_redis))
+    urlpatterns += [
+        path("lease-redis/", views.lease_redis),
+        path("replay-floor-redis/", views.replay_floor_redis),
+    ]
 if views.drf_plain is not None and views.drf_protected is not None:
     urlpatterns += [
         path("drf/", views.drf_plain),

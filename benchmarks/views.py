@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -56,6 +57,72 @@ def replay_floor(request: HttpRequest) -> HttpResponse:
     response["Location"] = "/orders/1/"
     response["Idempotent-Replayed"] = "true"
     return response
+
+
+def _stored_answer(status: int, headers: list[list[str]], body: bytes) -> HttpResponse:
+    response = HttpResponse(body, status=status)
+    for name, value in headers:
+        response[name] = value
+    response["Idempotent-Replayed"] = "true"
+    return response
+
+
+@require_POST
+def replay_floor_redis(request: HttpRequest) -> HttpResponse:
+    """The floor of a replay on Redis: authenticated, the stored record read (one GET), answered.
+
+    No fingerprint, no claim script, no engine: the record of the key the
+    Redis replays use, read by redis-py and turned into the response.
+    """
+    from django_redis import get_redis_connection  # type: ignore[import-untyped]
+
+    from django_idempotency.scopes import user_scope
+    from django_idempotency.stores import get_store
+
+    key = request.headers.get("Idempotency-Key")
+    if not key:
+        return HttpResponse(status=400)
+    name = get_store("redis").record_name(user_scope(request), key)  # type: ignore[attr-defined]
+    record = json.loads(get_redis_connection("idempotency").get(name))
+    return _stored_answer(record["status"], record["headers"], base64.b64decode(record["body"]))
+
+
+@require_POST
+def replay_floor_sql(request: HttpRequest) -> HttpResponse:
+    """The floor of a replay on the database: authenticated, the stored row read (one SELECT).
+
+    On PostgreSQL with psycopg 3 the SELECT is prepared and sent through
+    libpq's pipeline calls (what the store's own flushes use), in autocommit:
+    one round trip, the cheapest a read of the row can be made. Elsewhere
+    through Django's cursor.
+    """
+    from django.db import connection
+
+    from django_idempotency.scopes import user_scope
+    from django_idempotency.stores import postgresql, sql
+
+    key = request.headers.get("Idempotency-Key")
+    if not key:
+        return HttpResponse(status=400)
+    q = connection.ops.quote_name
+    query = (
+        f"SELECT {q('response_status')}, {q('response_headers')}, {q('response_body')}"
+        f" FROM {q('django_idempotency_idempotencykey')}"
+        f" WHERE {q('scope')} = %s AND {q('key')} = %s"
+    )
+    params = [user_scope(request), key]
+    if sql.is_psycopg3(connection):
+        connection.ensure_connection()
+        row, _ = postgresql._send(connection.connection, query, params, False, False)
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(query, params)
+            row = cursor.fetchone()
+    assert row is not None
+    status, headers, body = row
+    if isinstance(headers, str):  # MariaDB and SQLite: JSON as text
+        headers = json.loads(headers)
+    return _stored_answer(status, headers, bytes(body))
 
 
 atomic = require_POST(idempotent(mode="atomic")(create_order))
