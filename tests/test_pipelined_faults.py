@@ -5,7 +5,10 @@ completion with COMMIT in another (docs/benchmarks.md). Here the request's
 database session is terminated with ``pg_terminate_backend`` from a second
 connection at each point between and inside those flushes, with prepared
 statements on and off: the client gets a 503, nothing is half stored (no
-order, no key), and a retry with the same key runs.
+order, no key), and a retry with the same key runs. Lease mode's statements,
+each on its own, likewise: before the claim, a 503 and nothing kept; before
+the completion, the view's answer, its order once, the key held until its
+lease ends.
 """
 
 from __future__ import annotations
@@ -132,3 +135,50 @@ def test_a_session_gone_inside_the_completions_pipeline(store_prepares: bool) ->
         response = post("fault-3", "in-completion")
 
     assert_nothing_kept_and_a_retry_runs(response, "fault-3", "in-completion")
+
+
+# Lease mode: the claim and the completion each commit on their own (through
+# libpq's pipeline calls when prepared, one statement a flush).
+
+
+def post_in_lease_mode(key: str, item: str) -> Any:
+    return Client().post(
+        "/variants/lease/",
+        {"item": item},
+        content_type="application/json",
+        headers={"Idempotency-Key": key},
+    )
+
+
+def test_lease_mode_a_session_gone_before_the_claim(store_prepares: bool) -> None:
+    connection.ensure_connection()
+    terminate_session()
+
+    response = post_in_lease_mode("lease-fault-1", "lease-before-claim")
+
+    assert response.status_code == 503
+    with contextlib.suppress(DatabaseError):
+        connection.close()
+    assert not Order.objects.filter(item="lease-before-claim").exists()
+    assert not IdempotencyKey.objects.filter(key="lease-fault-1").exists()
+    retry = post_in_lease_mode("lease-fault-1", "lease-before-claim")
+    assert retry.status_code == 201
+    assert Order.objects.filter(item="lease-before-claim").count() == 1
+    assert IdempotencyKey.objects.get(key="lease-fault-1").state == IdempotencyKey.State.COMPLETED
+
+
+def test_lease_mode_a_session_gone_before_the_completion(store_prepares: bool) -> None:
+    # The view's order committed on its own; the outcome cannot be stored. The
+    # caller gets the view's answer, and the key stays claimed until its lease
+    # ends: a retry meanwhile is refused, never run a second time.
+    with before_statement("UPDATE", terminate_session):
+        response = post_in_lease_mode("lease-fault-2", "lease-in-completion")
+
+    assert response.status_code == 201
+    with contextlib.suppress(DatabaseError):
+        connection.close()
+    assert Order.objects.filter(item="lease-in-completion").count() == 1
+    assert IdempotencyKey.objects.get(key="lease-fault-2").state == IdempotencyKey.State.IN_PROGRESS
+    retry = post_in_lease_mode("lease-fault-2", "lease-in-completion")
+    assert retry.status_code == 409
+    assert Order.objects.filter(item="lease-in-completion").count() == 1
