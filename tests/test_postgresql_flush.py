@@ -17,7 +17,14 @@ import uuid
 from typing import Any
 
 import pytest
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, DataError, connection, connections
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    DataError,
+    connection,
+    connections,
+    transaction,
+)
 from django.http import HttpRequest, HttpResponse
 from django.test import RequestFactory
 from django.test.utils import CaptureQueriesContext
@@ -119,6 +126,34 @@ def test_a_lease_statement_the_session_lost_is_prepared_again() -> None:
     assert IdempotencyKey.objects.get(key="lease-lost-2").state == IdempotencyKey.State.COMPLETED
     assert len(prepared_names()) == 2
     assert Order.objects.count() == 2
+
+
+def test_lease_mode_inside_an_atomic_block_claims_in_the_blocks_transaction() -> None:
+    # The claim is the block's first statement: psycopg owes the session a
+    # BEGIN, so the claim goes through psycopg, inside the transaction.
+    with pytest.raises(RuntimeError), transaction.atomic():
+        assert post_in_lease_mode("lease-in-block").status_code == 201
+        raise RuntimeError("the block rolls back")
+
+    assert not IdempotencyKey.objects.filter(key="lease-in-block").exists()
+    assert Order.objects.count() == 0
+    assert post_in_lease_mode("lease-in-block").status_code == 201
+    assert IdempotencyKey.objects.get(key="lease-in-block").state == IdempotencyKey.State.COMPLETED
+
+
+def test_lease_mode_with_autocommit_turned_off_claims_in_the_sessions_transaction() -> None:
+    # Autocommit off by hand (no atomic block): psycopg owes the session a
+    # BEGIN before the next statement, so the claim goes through psycopg,
+    # inside the transaction, and the rollback takes it back.
+    transaction.set_autocommit(False)
+    try:
+        assert post_in_lease_mode("lease-no-autocommit").status_code == 201
+        transaction.rollback()
+    finally:
+        transaction.set_autocommit(True)
+
+    assert not IdempotencyKey.objects.filter(key="lease-no-autocommit").exists()
+    assert Order.objects.count() == 0
 
 
 def test_a_statement_is_prepared_again_for_other_parameter_types() -> None:

@@ -64,7 +64,10 @@ def insert(
     begin = begins_transaction(connection)
     # Prepared, the claim (with BEGIN where the store begins the transaction)
     # goes through libpq's pipeline directly.
-    in_one_flush = prepare and _may_flush_alone(connection)
+    if begin:
+        in_one_flush = prepare and outside_pipeline(connection)
+    else:
+        in_one_flush = prepare and _may_flush_alone(connection)
     with (
         one_flush(connection, begin=begin)
         if in_one_flush
@@ -198,10 +201,19 @@ def statement_cursor(connection: BaseDatabaseWrapper, *, prepare: bool) -> Curso
 
 
 def _may_flush_alone(connection: BaseDatabaseWrapper) -> bool:
+    """Whether a statement may go through :func:`one_flush` without BEGIN or COMMIT.
+
+    Not where psycopg owes the session a BEGIN (autocommit off, no
+    transaction begun yet: the first statement of an atomic block): it
+    sends that BEGIN itself before its next statement, so a statement sent
+    past it would run outside the block's transaction.
+    """
     if not sql.is_psycopg3(connection):
         return False
     connection.ensure_connection()
-    return outside_pipeline(connection)
+    raw: Any = connection.connection
+    owes_begin = not raw.autocommit and raw.pgconn.transaction_status == _idle()
+    return outside_pipeline(connection) and not owes_begin
 
 
 def outside_pipeline(connection: BaseDatabaseWrapper) -> bool:
