@@ -43,6 +43,12 @@ def _postgresql_only() -> None:
         pytest.skip("libpq's pipeline: PostgreSQL only")
 
 
+@pytest.fixture(autouse=True)
+def _new_session(_postgresql_only: None) -> None:
+    """Each test on a session of its own: what earlier tests prepared is not counted."""
+    connection.close()
+
+
 @idempotent
 def create_order(request: HttpRequest) -> HttpResponse:
     order = Order.objects.create(item=json.loads(request.body)["item"])
