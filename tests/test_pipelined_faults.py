@@ -73,9 +73,13 @@ def before_statement(word: str, action: Callable[[], None]) -> Iterator[None]:
     assert done, f"no statement with {word!r} ran"
 
 
-def post(key: str, item: str) -> Any:
+PLAIN = "/plain/"  # atomic mode
+LEASE = "/variants/lease/"
+
+
+def post(key: str, item: str, path: str = PLAIN) -> Any:
     return Client().post(
-        "/plain/", {"item": item}, content_type="application/json", headers={"Idempotency-Key": key}
+        path, {"item": item}, content_type="application/json", headers={"Idempotency-Key": key}
     )
 
 
@@ -93,7 +97,9 @@ def store_prepares(request: pytest.FixtureRequest) -> Iterator[bool]:
         connection.close()
 
 
-def assert_nothing_kept_and_a_retry_runs(response: Any, key: str, item: str) -> None:
+def assert_nothing_kept_and_a_retry_runs(
+    response: Any, key: str, item: str, path: str = PLAIN
+) -> None:
     assert response.status_code == 503
     assert response.json()["type"].endswith("store-unavailable")
     with contextlib.suppress(DatabaseError):
@@ -101,7 +107,7 @@ def assert_nothing_kept_and_a_retry_runs(response: Any, key: str, item: str) -> 
     assert not Order.objects.filter(item=item).exists()
     assert not IdempotencyKey.objects.filter(key=key).exists()
 
-    retry = post(key, item)
+    retry = post(key, item, path)
 
     assert retry.status_code == 201
     assert "Idempotent-Replayed" not in retry
@@ -141,30 +147,13 @@ def test_a_session_gone_inside_the_completions_pipeline(store_prepares: bool) ->
 # libpq's pipeline calls when prepared, one statement a flush).
 
 
-def post_in_lease_mode(key: str, item: str) -> Any:
-    return Client().post(
-        "/variants/lease/",
-        {"item": item},
-        content_type="application/json",
-        headers={"Idempotency-Key": key},
-    )
-
-
 def test_lease_mode_a_session_gone_before_the_claim(store_prepares: bool) -> None:
     connection.ensure_connection()
     terminate_session()
 
-    response = post_in_lease_mode("lease-fault-1", "lease-before-claim")
+    response = post("lease-fault-1", "lease-before-claim", LEASE)
 
-    assert response.status_code == 503
-    with contextlib.suppress(DatabaseError):
-        connection.close()
-    assert not Order.objects.filter(item="lease-before-claim").exists()
-    assert not IdempotencyKey.objects.filter(key="lease-fault-1").exists()
-    retry = post_in_lease_mode("lease-fault-1", "lease-before-claim")
-    assert retry.status_code == 201
-    assert Order.objects.filter(item="lease-before-claim").count() == 1
-    assert IdempotencyKey.objects.get(key="lease-fault-1").state == IdempotencyKey.State.COMPLETED
+    assert_nothing_kept_and_a_retry_runs(response, "lease-fault-1", "lease-before-claim", LEASE)
 
 
 def test_lease_mode_a_session_gone_before_the_completion(store_prepares: bool) -> None:
@@ -172,13 +161,13 @@ def test_lease_mode_a_session_gone_before_the_completion(store_prepares: bool) -
     # caller gets the view's answer, and the key stays claimed until its lease
     # ends: a retry meanwhile is refused, never run a second time.
     with before_statement("UPDATE", terminate_session):
-        response = post_in_lease_mode("lease-fault-2", "lease-in-completion")
+        response = post("lease-fault-2", "lease-in-completion", LEASE)
 
     assert response.status_code == 201
     with contextlib.suppress(DatabaseError):
         connection.close()
     assert Order.objects.filter(item="lease-in-completion").count() == 1
     assert IdempotencyKey.objects.get(key="lease-fault-2").state == IdempotencyKey.State.IN_PROGRESS
-    retry = post_in_lease_mode("lease-fault-2", "lease-in-completion")
+    retry = post("lease-fault-2", "lease-in-completion", LEASE)
     assert retry.status_code == 409
     assert Order.objects.filter(item="lease-in-completion").count() == 1

@@ -55,14 +55,15 @@ def create_order(request: HttpRequest) -> HttpResponse:
     return HttpResponse(json.dumps({"id": order.pk}), status=201, content_type="application/json")
 
 
-def post(key: str, item: str = "book") -> HttpResponse:
+def post(key: str, item: str = "book", view: Any = create_order) -> HttpResponse:
     request = RequestFactory().post(
         "/orders/",
         json.dumps({"item": item}),
         content_type="application/json",
         headers={"Idempotency-Key": key},
     )
-    return create_order(request)
+    response: HttpResponse = view(request)
+    return response
 
 
 def raw() -> Any:
@@ -98,13 +99,7 @@ def create_order_in_lease_mode(request: HttpRequest) -> HttpResponse:
 
 
 def post_in_lease_mode(key: str) -> HttpResponse:
-    request = RequestFactory().post(
-        "/orders/",
-        json.dumps({"item": "book"}),
-        content_type="application/json",
-        headers={"Idempotency-Key": key},
-    )
-    return create_order_in_lease_mode(request)
+    return post(key, view=create_order_in_lease_mode)
 
 
 def test_lease_mode_sends_its_statements_through_libpq_prepared_once() -> None:

@@ -62,17 +62,16 @@ def insert(
         params += [call.scope, call.key]
     claim = _claim_sql(connection, with_row=with_row)
     begin = begins_transaction(connection)
-    # Prepared, the claim (with BEGIN where the store begins the transaction)
-    # goes through libpq's pipeline directly.
-    if begin:
-        in_one_flush = prepare and outside_pipeline(connection)
+    # Prepared, BEGIN and the claim go through libpq's pipeline directly; a
+    # claim without BEGIN is a statement on its own (statement_cursor).
+    in_one_flush = begin and prepare and outside_pipeline(connection)
+    if in_one_flush:
+        opened = one_flush(connection, begin=True)
+    elif begin:
+        opened = sql.cursor(connection, prepare=prepare)
     else:
-        in_one_flush = prepare and _may_flush_alone(connection)
-    with (
-        one_flush(connection, begin=begin)
-        if in_one_flush
-        else sql.cursor(connection, prepare=prepare) as cursor
-    ):
+        opened = statement_cursor(connection, prepare=prepare)
+    with opened as cursor:
         if begin and not in_one_flush:
             begin_and_execute(connection, cursor, claim, params)
         else:
